@@ -1,0 +1,1 @@
+"""One module per `mopd` verb: `add_arguments(parser)` (no heavy imports) and `run(args)`."""

@@ -1,0 +1,585 @@
+"""One typed configuration tree, loaded from YAML plus `key=value` overrides.
+
+    cfg = load_config("examples/toy/mopd.yaml", ["train.max_steps=10", "parallel.tp=2"])
+
+Every section is a dataclass that checks its own fields in `validate(path)`; the root
+`Config.validate()` runs the cross-section checks (layout against the model, teachers
+against domains). Unknown keys are rejected, and every error names the key path and
+what is allowed. `check_world_size(cfg, world_size)` checks the parallel layout against
+the number of processes *before* any process group is created.
+
+Megatron's model settings live in one section (`model`) whose names follow megatron-core's
+`TransformerConfig`, so Megatron users recognise them; they are not re-exposed as flags.
+Short aliases are accepted for the parallel sizes (`parallel.tp`, `pp`, `ep`, `etp`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from megatron_mopd.errors import ConfigError
+
+# --------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class ModelConfig:
+    """The student architecture (megatron-core `TransformerConfig` names).
+
+    Either `hf_path` (architecture and weights read from a Hugging Face folder) or
+    `mcore_path` (a Megatron checkpoint written by `mopd convert hf-to-mcore`), or
+    neither: then the fields below define a randomly initialised model.
+    """
+
+    hf_path: str | None = None
+    mcore_path: str | None = None
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = 2
+    kv_channels: int | None = None
+    vocab_size: int = 128
+    max_position_embeddings: int = 4096
+    rotary_base: float = 1_000_000.0
+    layernorm_epsilon: float = 1e-6
+    qk_layernorm: bool = False
+    add_qkv_bias: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    # MoE (num_moe_experts: None or 0 = dense)
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_aux_loss_coeff: float = 0.0
+    # numerics and implementation
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    seed: int = 1234
+
+    def validate(self, path: str) -> None:
+        """Check the model's own fields."""
+        if self.hf_path and self.mcore_path:
+            raise ConfigError(f"{path}.hf_path and {path}.mcore_path are exclusive: set one")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            _positive(self, name, path)
+        _positive(self, "vocab_size", path)
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"{path}.num_query_groups={groups} must divide "
+                f"{path}.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_moe_experts:
+            if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                raise ConfigError(
+                    f"{path}.moe_router_topk={self.moe_router_topk} must be in "
+                    f"[1, {path}.num_moe_experts={self.num_moe_experts}]"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the model has routed experts."""
+        return bool(self.num_moe_experts)
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout. DP is whatever is left: world_size / (TP * PP).
+
+    Expert layers use EP x ETP inside each TP x DP block (megatron-core's expert grid);
+    `expert_tensor_parallel_size` defaults to the TP size, as in Megatron.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    sequence_parallel: bool | None = None  # None: on when TP > 1 and the model is MoE
+    use_distributed_optimizer: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_minutes: float = 30.0
+
+    ALIASES = {
+        "tp": "tensor_model_parallel_size",
+        "pp": "pipeline_model_parallel_size",
+        "ep": "expert_model_parallel_size",
+        "etp": "expert_tensor_parallel_size",
+    }
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
+    @property
+    def etp(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    def validate(self, path: str) -> None:
+        """Check the layout's own fields."""
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+        ):
+            _positive(self, name, path)
+        if self.expert_tensor_parallel_size is not None:
+            _positive(self, "expert_tensor_parallel_size", path)
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets: JSONL records `{"prompt", "domain", "answer"}` or `prompt_ids`."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    apply_chat_template: bool = False
+    max_prompt_length: int = 1024
+    shuffle: bool = True
+
+    def validate(self, path: str) -> None:
+        _positive(self, "max_prompt_length", path)
+
+
+@dataclass
+class RolloutConfig:
+    """The student's inference engine: sampling settings and where it runs."""
+
+    backend: Literal["embedded", "sglang"] = "embedded"
+    urls: list[str] = field(default_factory=list)
+    n_samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: list[int] = field(default_factory=list)
+    timeout_seconds: float = 600.0
+    max_retries: int = 3
+    max_in_flight: int = 32
+    weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+
+    def validate(self, path: str) -> None:
+        _positive(self, "n_samples_per_prompt", path)
+        _positive(self, "max_new_tokens", path)
+        if self.temperature != 1.0:
+            # MOPD needs log mu at temperature 1 (SGLANG_API.md): refuse silently wrong ratios
+            raise ConfigError(
+                f"{path}.temperature={self.temperature}: MOPD's importance ratio needs the "
+                "engine's log-probs at temperature 1; set it to 1.0"
+            )
+        if self.backend == "sglang" and not self.urls:
+            raise ConfigError(f"{path}.urls is empty: the sglang backend needs at least one URL")
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher model and the domains it scores."""
+
+    domains: list[str] = field(default_factory=list)
+    backend: Literal["embedded", "sglang"] = "embedded"
+    hf_path: str | None = None
+    urls: list[str] = field(default_factory=list)
+    top_k: int = 0
+    timeout_seconds: float = 300.0
+    max_retries: int = 3
+    max_in_flight: int = 16
+    batch_size: int = 32
+
+    def validate(self, path: str) -> None:
+        if self.backend == "embedded" and not self.hf_path:
+            raise ConfigError(f"{path}.hf_path is required for an embedded teacher")
+        if self.backend == "sglang" and not self.urls:
+            raise ConfigError(f"{path}.urls is empty: an sglang teacher needs at least one URL")
+        if self.top_k < 0:
+            raise ConfigError(f"{path}.top_k={self.top_k} must be >= 0")
+
+
+@dataclass
+class LossOverride:
+    """Per-domain overrides of the loss settings (unset fields inherit `loss.*`)."""
+
+    alpha: float | None = None
+    eps_low: float | None = None
+    eps_high: float | None = None
+    correction: Literal["icepop", "tis", "none"] | None = None
+    estimator: Literal["sampled", "topk_reverse_kl", "topk_forward_kl"] | None = None
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class LossConfig:
+    """The MOPD surrogate (see loss.py and ../MOPD spec)."""
+
+    alpha: float = 0.0
+    eps_low: float = 0.5
+    eps_high: float = 5.0
+    correction: Literal["icepop", "tis", "none"] = "icepop"
+    estimator: Literal["sampled", "topk_reverse_kl", "topk_forward_kl"] = "sampled"
+    grpo_normalize_std: bool = True
+    per_domain: dict[str, LossOverride] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        for name, value in (("", self), *((f".per_domain.{d}", o) for d, o in self.per_domain.items())):
+            lo = value.eps_low if value.eps_low is not None else self.eps_low
+            hi = value.eps_high if value.eps_high is not None else self.eps_high
+            if not 0 <= lo <= 1 <= hi:
+                raise ConfigError(
+                    f"{path}{name}: need 0 <= eps_low <= 1 <= eps_high, got eps_low={lo} eps_high={hi}"
+                )
+
+    def for_domain(self, domain: str) -> LossConfig:
+        """The loss settings for one domain, with its overrides applied."""
+        over = self.per_domain.get(domain)
+        if over is None:
+            return self
+        values = {k: v for k, v in dataclasses.asdict(over).items() if v is not None}
+        return dataclasses.replace(self, per_domain={}, **values)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the step schedule."""
+
+    max_steps: int = 100
+    seed: int = 1234
+    prompts_per_step: int = 8
+    micro_batch_size: int = 4
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 10
+    lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 0
+    eval_prompts: int = 64
+    max_consecutive_nonfinite: int = 3
+
+    def validate(self, path: str) -> None:
+        for name in ("max_steps", "prompts_per_step", "micro_batch_size"):
+            _positive(self, name, path)
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr={self.lr} must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where training checkpoints are written (default `RUN_DIR/checkpoints`)."""
+
+    interval: int = 0
+    keep_last: int = 2
+    dir: str | None = None
+
+    def validate(self, path: str) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"{path}.interval={self.interval} must be >= 0 (0 = only at the end)")
+        _positive(self, "keep_last", path)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: RUN_DIR/metrics.jsonl always; TensorBoard and W&B optionally."""
+
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress_bar: bool = True
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    """The root of the tree."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    default_teacher: str | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, path: str = "") -> None:
+        """Validate every section, then the checks that span sections."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        for name, teacher in self.teachers.items():
+            teacher.validate(f"teachers.{name}")
+        seen: dict[str, str] = {}
+        for name, teacher in self.teachers.items():
+            for d in teacher.domains:
+                if d in seen:
+                    raise ConfigError(
+                        f"teachers.{name}.domains: domain {d!r} is already routed to "
+                        f"teachers.{seen[d]}; each domain has one teacher"
+                    )
+                seen[d] = name
+        if self.default_teacher is not None and self.default_teacher not in self.teachers:
+            raise ConfigError(
+                f"default_teacher={self.default_teacher!r} is not a teacher; "
+                f"choose one of {sorted(self.teachers)}"
+            )
+        check_layout(self.model, self.parallel)
+
+    def teacher_for(self, domain: str) -> str:
+        """The name of the teacher that scores `domain` (routing by domain)."""
+        for name, teacher in self.teachers.items():
+            if domain in teacher.domains:
+                return name
+        if self.default_teacher is not None:
+            return self.default_teacher
+        raise ConfigError(
+            f"domain {domain!r} has no teacher: add it to some teachers.<name>.domains "
+            f"or set default_teacher (teachers: {sorted(self.teachers)})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# cross-checks
+
+
+def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Check that the parallel layout divides the model (independent of world size).
+
+    When the model comes from a checkpoint folder, call this again once its architecture
+    has been read (see `student.model`), since the fields here are then placeholders.
+    """
+    tp, pp, ep, etp = parallel.tp, parallel.pp, parallel.ep, parallel.etp
+    groups = model.num_query_groups or model.num_attention_heads
+    if model.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide "
+            f"model.num_attention_heads={model.num_attention_heads}"
+        )
+    if groups % tp:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide "
+            f"model.num_query_groups={groups}"
+        )
+    if model.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide "
+            f"model.ffn_hidden_size={model.ffn_hidden_size}"
+        )
+    if model.num_layers % pp:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={pp} does not divide "
+            f"model.num_layers={model.num_layers}"
+        )
+    if model.is_moe:
+        if model.num_moe_experts % ep:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size={ep} does not divide "
+                f"model.num_moe_experts={model.num_moe_experts}"
+            )
+        moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
+        if moe_ffn % etp:
+            raise ConfigError(
+                f"parallel.expert_tensor_parallel_size={etp} does not divide "
+                f"model.moe_ffn_hidden_size={moe_ffn}"
+            )
+        if tp > 1 and parallel.sequence_parallel is False:
+            raise ConfigError(
+                "parallel.sequence_parallel=false: megatron-core needs sequence parallelism "
+                "for MoE with tensor_model_parallel_size > 1; set it to true or leave it unset"
+            )
+    else:
+        if ep > 1:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size={ep} needs an MoE model "
+                "(model.num_moe_experts is unset)"
+            )
+        if parallel.expert_tensor_parallel_size not in (None, tp):
+            raise ConfigError(
+                "parallel.expert_tensor_parallel_size is only meaningful for MoE models"
+            )
+
+
+def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
+    """Check the layout against the world size; return the data-parallel size.
+
+    Called before any process group is created.
+    """
+    tp, pp, ep, etp = parallel.tp, parallel.pp, parallel.ep, parallel.etp
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp} x {pp}; launch a multiple of {tp * pp} processes"
+        )
+    dp = world_size // (tp * pp)
+    if (tp * dp) % (ep * etp):
+        raise ConfigError(
+            f"expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} must divide "
+            f"tensor_model_parallel_size x data-parallel size = {tp} x {dp} "
+            f"(world size {world_size}, pipeline_model_parallel_size {pp})"
+        )
+    return dp
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides
+    of the form `a.b.c=value` (values parsed as YAML), build and validate the tree."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"recipe {path}: no such file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path}: not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to a raw (dict) config, in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key path")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types; errors name the path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases = getattr(cls, "ALIASES", {})
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = aliases.get(key, key)
+        sub = f"{path}.{key}" if path else str(key)
+        if name not in names:
+            allowed = ", ".join(sorted(names | set(aliases)))
+            raise ConfigError(f"unknown key {sub!r}; allowed here: {allowed}")
+        if name in kwargs:
+            raise ConfigError(f"{sub}: set twice (under its name and an alias)")
+        kwargs[name] = _coerce(hints[name], value, sub)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin is list:
+        if isinstance(value, str | int | float):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}={value!r} must be a string")
+    if tp is Any:
+        return value
+    raise TypeError(f"config field {path} has an unsupported type {tp!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The tree as plain data (for saving next to a run and for logging)."""
+    return dataclasses.asdict(cfg)
+
+
+def _positive(obj: Any, name: str, path: str) -> None:
+    value = getattr(obj, name)
+    if value is None or value < 1:
+        raise ConfigError(f"{path}.{name}={value} must be a positive integer")

@@ -1,0 +1,1 @@
+"""Teachers: score the student's responses, one teacher per domain (see base.py)."""
