@@ -41,6 +41,7 @@ class ModelConfig:
 
     hf_path: str | None = None
     mcore_path: str | None = None
+    tokenizer_path: str | None = None  # the student's tokenizer (default: hf_path)
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 128
@@ -59,6 +60,7 @@ class ModelConfig:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
     moe_router_pre_softmax: bool = False
     moe_router_topk_scaling_factor: float | None = None
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
@@ -240,7 +242,10 @@ class LossConfig:
     per_domain: dict[str, LossOverride] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        for name, value in (("", self), *((f".per_domain.{d}", o) for d, o in self.per_domain.items())):
+        for name, value in (
+            ("", self),
+            *((f".per_domain.{d}", o) for d, o in self.per_domain.items()),
+        ):
             lo = value.eps_low if value.eps_low is not None else self.eps_low
             hi = value.eps_high if value.eps_high is not None else self.eps_high
             if not 0 <= lo <= 1 <= hi:
