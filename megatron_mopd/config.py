@@ -327,6 +327,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     default_teacher: str | None = None
+    # outcome reward per domain: "exact_match", "math" or "module:function" (rewards.py)
+    rewards: dict[str, str] = field(default_factory=dict)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -354,6 +356,12 @@ class Config:
                 f"default_teacher={self.default_teacher!r} is not a teacher; "
                 f"choose one of {sorted(self.teachers)}"
             )
+        if self.loss.alpha != 0 or any(o.alpha for o in self.loss.per_domain.values()):
+            if not self.rewards:
+                raise ConfigError(
+                    "loss.alpha != 0 adds an outcome-reward advantage: set rewards.<domain> "
+                    "(exact_match, math or module:function) for every domain"
+                )
         check_layout(self.model, self.parallel)
 
     def teacher_for(self, domain: str) -> str:
@@ -567,6 +575,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}={value!r} must be a number")
     if tp is str:
         if isinstance(value, str):
