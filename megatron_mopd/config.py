@@ -68,6 +68,7 @@ class ModelConfig:
     # numerics and implementation
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    init_method_std: float = 0.02  # random init (no checkpoint): N(0, std) weights
     seed: int = 1234
 
     def validate(self, path: str) -> None:
@@ -178,6 +179,11 @@ class RolloutConfig:
     max_retries: int = 3
     max_in_flight: int = 32
     weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+    # sglang backend: prompts per /generate request, backoff of the first retry (doubles
+    # each time), how long to wait for GET /health_generate at start-up
+    batch_size: int = 16
+    retry_backoff_seconds: float = 0.5
+    startup_timeout_seconds: float = 600.0
 
     def validate(self, path: str) -> None:
         _positive(self, "n_samples_per_prompt", path)
@@ -205,6 +211,10 @@ class TeacherConfig:
     max_retries: int = 3
     max_in_flight: int = 16
     batch_size: int = 32
+    # sglang backend: backoff of the first retry (doubles each time), how long to wait
+    # for GET /health_generate at start-up
+    retry_backoff_seconds: float = 0.5
+    startup_timeout_seconds: float = 600.0
 
     def validate(self, path: str) -> None:
         if self.backend == "embedded" and not self.hf_path:
@@ -239,6 +249,8 @@ class LossConfig:
     correction: Literal["icepop", "tis", "none"] = "icepop"
     estimator: Literal["sampled", "topk_reverse_kl", "topk_forward_kl"] = "sampled"
     grpo_normalize_std: bool = True
+    # top-k estimators: also compare the "rest of the vocabulary" bucket (loss.topk_reverse_kl)
+    topk_tail: bool = True
     per_domain: dict[str, LossOverride] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
@@ -362,7 +374,10 @@ class Config:
                     "loss.alpha != 0 adds an outcome-reward advantage: set rewards.<domain> "
                     "(exact_match, math or module:function) for every domain"
                 )
-        check_layout(self.model, self.parallel)
+        if not (self.model.hf_path or self.model.mcore_path):
+            # with a checkpoint, the architecture is read from it and checked then
+            # (student.load.resolve_model_config); the fields here are placeholders
+            check_layout(self.model, self.parallel)
 
     def teacher_for(self, domain: str) -> str:
         """The name of the teacher that scores `domain` (routing by domain)."""

@@ -309,13 +309,17 @@ class HFEngine:
         cache = DynamicCache()
         step_ids, step_pos = ids, pos
         while any(active):
-            logits = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1, :].float()
+            logits = (
+                self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1, :]
+                .float()
+            )
             next_ids = self._sample(logits, temps, params, greedy, gens)
             raw_lp = torch.log_softmax(logits, dim=-1)
             scaled_lp = torch.log_softmax(logits / temps, dim=-1)

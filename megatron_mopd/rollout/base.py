@@ -23,5 +23,5 @@ class RolloutEngine(abc.ABC):
     def weight_version(self) -> str:
         """The version of the weights that produced the latest rollouts."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, default no-op)
         """Release connections or memory."""

@@ -20,5 +20,5 @@ class Teacher(abc.ABC):
         returns missing, NaN or infinite log-probs.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, default no-op)
         """Release connections or memory."""

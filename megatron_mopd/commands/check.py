@@ -1,0 +1,322 @@
+"""`mopd check RECIPE.yaml [key=value ...] [--offline] [--world-size N]`: validate a recipe.
+
+Checks, one report line each (OK / FAIL / SKIP):
+
+- config: the recipe loads and validates (unknown keys, bad values, overrides);
+- layout: the parallel layout divides the model (its architecture read from
+  `model.hf_path` when set) and, with `--world-size`, the number of processes;
+- student tokenizer (`model.tokenizer_path` or `model.hf_path`), when there is one;
+- datasets: each file exists, each line is a JSON object with `prompt` or `prompt_ids`
+  and a `domain`, and every domain has a teacher (errors name file:line);
+- teachers: embedded ones are HF folders whose tokenizer matches the student's; SGLang
+  ones (and SGLang rollout servers) answer `/health_generate` and `/model_info`, and
+  tokenize as the student does (see `teachers/preflight.py`).
+
+`--offline` contacts no server (local files are still checked, tokenizers included).
+The trainer calls `run_preflight(cfg)` at start-up, on the driver rank (also importable
+from `megatron_mopd.teachers.preflight`): it raises a `UserError` on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_mopd.errors import UserError
+
+Status = Literal["OK", "FAIL", "SKIP"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `mopd check` (no heavy imports here)."""
+    parser.add_argument("recipe", help="the YAML recipe")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. parallel.tp=2"
+    )
+    parser.add_argument(
+        "--offline", action="store_true", help="do not contact teacher or rollout servers"
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="check the parallel layout against N processes",
+    )
+
+
+@dataclass
+class CheckResult:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+    def format(self) -> str:
+        """`STATUS  name: detail`."""
+        return f"{self.status:<4}  {self.name}: {self.detail}"
+
+
+@dataclass
+class PreflightReport:
+    """The results of every check, in the order they ran."""
+
+    results: list[CheckResult] = field(default_factory=list)
+    echo: Callable[[str], None] | None = None
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        """Record one result (and print it when the report echoes)."""
+        result = CheckResult(name, status, detail)
+        self.results.append(result)
+        if self.echo is not None:
+            self.echo(result.format())
+
+    def run(self, name: str, check: Callable[[], str | tuple[Status, str]]) -> bool:
+        """Run one check: its return value is the OK detail (or a (status, detail) pair);
+        a `UserError` is a FAIL line. Returns whether it did not fail."""
+        try:
+            out = check()
+        except UserError as e:
+            self.add(name, "FAIL", str(e))
+            return False
+        status, detail = out if isinstance(out, tuple) else ("OK", out)
+        self.add(name, status, detail)
+        return status != "FAIL"
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        """The failed checks."""
+        return [r for r in self.results if r.status == "FAIL"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed."""
+        return not self.failures
+
+    def format(self) -> str:
+        """The whole report, one line per check."""
+        return "\n".join(r.format() for r in self.results)
+
+    def raise_if_failed(self) -> None:
+        """Raise a `UserError` (one line: the count and the first failure) if any failed."""
+        failures = self.failures
+        if failures:
+            first = failures[0]
+            more = f" ({len(failures)} checks failed)" if len(failures) > 1 else ""
+            raise UserError(f"{first.name}: {first.detail}{more}")
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check_layout(cfg: Any, world_size: int | None, arch_out: list) -> str | tuple[Status, str]:
+    from megatron_mopd.config import check_world_size
+    from megatron_mopd.student.load import resolve_model_config
+
+    # the student's real architecture (read from model.hf_path when set), checked against
+    # the layout exactly as the trainer will check it
+    arch = resolve_model_config(cfg.model, cfg.parallel)
+    arch_out.append(arch)
+    p = cfg.parallel
+    layout = f"tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp}"
+    source = f" (architecture from {cfg.model.hf_path})" if cfg.model.hf_path else ""
+    if world_size is None:
+        return "OK", f"{layout} divides the model{source}; world size not given (--world-size N)"
+    dp = check_world_size(p, world_size)
+    return f"{layout} dp={dp} for world size {world_size}{source}"
+
+
+def _check_student_tokenizer(cfg: Any, arch: Any, out: list) -> str | tuple[Status, str]:
+    from megatron_mopd.teachers.preflight import load_tokenizer
+
+    path = cfg.model.tokenizer_path or cfg.model.hf_path
+    if not path:
+        return "SKIP", "no student tokenizer (set model.tokenizer_path): tokenizers not compared"
+    tok = load_tokenizer(path, "student tokenizer")
+    out.append(tok)
+    if arch is not None and len(tok) > arch.vocab_size:
+        raise UserError(
+            f"student tokenizer {path} has {len(tok)} tokens but the model's vocabulary has "
+            f"{arch.vocab_size} (model.vocab_size)"
+        )
+    return f"{path} ({len(tok)} tokens)"
+
+
+def check_dataset(
+    path: str, key: str, cfg: Any, vocab_size: int | None, has_tokenizer: bool
+) -> tuple[str, dict[str, str]]:
+    """Check one JSONL prompt file (parsed by `data.load_prompts`, as the trainer will);
+    return a summary and each domain's first `file:line`.
+
+    Raises `UserError` naming `file:line` for the first bad record or unrouted domain.
+    """
+    from megatron_mopd.data import load_prompts
+    from megatron_mopd.teachers.router import check_domains
+
+    if not os.path.isfile(path):
+        raise UserError(f"{key}={path}: no such file")
+    records = load_prompts(path)
+    domains: dict[str, str] = {}
+    for rec in records:
+        domains.setdefault(rec.domain, rec.source)
+        if rec.prompt_ids is not None:
+            if vocab_size is not None and max(rec.prompt_ids) >= vocab_size:
+                raise UserError(
+                    f"{rec.source}: prompt_ids holds id {max(rec.prompt_ids)} outside the "
+                    f"vocabulary [0, {vocab_size})"
+                )
+        elif not has_tokenizer:
+            raise UserError(
+                f"{rec.source}: a text prompt needs the student tokenizer "
+                "(set model.tokenizer_path or model.hf_path), or give prompt_ids"
+            )
+    for domain, where in domains.items():  # the first unrouted domain, where it first appears
+        try:
+            check_domains(cfg, [domain])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    return f"{path}: {len(records)} prompts, domains {sorted(domains)}", domains
+
+
+def _check_embedded_teacher(name: str, tcfg: Any, student_tok: Any) -> str | tuple[Status, str]:
+    from megatron_mopd.convert.hf_config import read_hf_config
+    from megatron_mopd.teachers.preflight import compare_tokenizers, load_tokenizer
+
+    raw = read_hf_config(tcfg.hf_path)
+    what = f"{tcfg.hf_path} ({raw.get('model_type', '?')})"
+    if student_tok is None:
+        return "OK", f"{what}; tokenizer not compared (no student tokenizer)"
+    compare_tokenizers(
+        student_tok, load_tokenizer(tcfg.hf_path, f"tokenizer of teacher {name!r}"), name
+    )
+    return f"{what}; tokenizer matches the student's"
+
+
+def _check_server(
+    url: str, name: str, label: str, student_tok: Any, timeout: float, wait: float
+) -> str | tuple[Status, str]:
+    from megatron_mopd.teachers.preflight import check_server_tokenizer, server_status
+
+    info = server_status(url, timeout, wait_seconds=wait)
+    if info.get("is_generation") is False:
+        raise UserError(f"{label} {name!r} at {url} serves a non-generative model")
+    what = (
+        f"{url} healthy, model_path={info.get('model_path')}, "
+        f"weight_version={info.get('weight_version')}"
+    )
+    if student_tok is None:
+        return "OK", f"{what}; tokenizer not compared (no student tokenizer)"
+    how = check_server_tokenizer(student_tok, url, name, info, label=label, timeout=timeout)
+    return f"{what}; {how}"
+
+
+def run_preflight(
+    cfg: Any,
+    offline: bool = False,
+    world_size: int | None = None,
+    echo: Callable[[str], None] | None = None,
+    strict: bool = True,
+    wait_for_servers: bool = False,
+) -> PreflightReport:
+    """Every check of `mopd check` on a loaded config; returns the report.
+
+    All checks run; then, with `strict` (what the trainer wants), a failure raises a
+    `UserError` naming the first one. With `strict=False` failures are only FAIL lines.
+    `echo` prints lines as they come; `offline` skips every network check;
+    `wait_for_servers` polls servers that are still starting for up to each one's
+    `startup_timeout_seconds` (what the trainer wants when it launches them itself).
+    """
+    report = PreflightReport(echo=echo)
+    arch_box: list = []
+    report.run("layout", lambda: _check_layout(cfg, world_size, arch_box))
+    arch = arch_box[0] if arch_box else None
+
+    tok_box: list = []
+    report.run("student tokenizer", lambda: _check_student_tokenizer(cfg, arch, tok_box))
+    student_tok = tok_box[0] if tok_box else None
+    has_text_tokenizer = bool(cfg.model.tokenizer_path or cfg.model.hf_path)
+    vocab_size = arch.vocab_size if arch is not None else None
+
+    datasets = [("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)]
+    for key, path in datasets:
+        if path is None:
+            if key == "data.train_path":
+                report.add("dataset " + key, "FAIL", f"{key} is not set")
+            continue
+        report.run(
+            f"dataset {key}",
+            lambda k=key, p=path: check_dataset(p, k, cfg, vocab_size, has_text_tokenizer)[0],
+        )
+
+    for name, tcfg in cfg.teachers.items():
+        if tcfg.backend == "embedded":
+            report.run(
+                f"teacher {name!r}",
+                lambda n=name, t=tcfg: _check_embedded_teacher(n, t, student_tok),
+            )
+            continue
+        for url in tcfg.urls:
+            if offline:
+                report.add(f"teacher {name!r}", "SKIP", f"{url} not contacted (--offline)")
+                continue
+            report.run(
+                f"teacher {name!r}",
+                lambda n=name, u=url, t=tcfg: _check_server(
+                    u,
+                    n,
+                    "teacher",
+                    student_tok,
+                    t.timeout_seconds,
+                    t.startup_timeout_seconds if wait_for_servers else 0.0,
+                ),
+            )
+
+    if cfg.rollout.backend == "sglang":
+        for url in cfg.rollout.urls:
+            if offline:
+                report.add("rollout server", "SKIP", f"{url} not contacted (--offline)")
+                continue
+            report.run(
+                "rollout server",
+                lambda u=url: _check_server(
+                    u,
+                    "student",
+                    "rollout server",
+                    student_tok,
+                    cfg.rollout.timeout_seconds,
+                    cfg.rollout.startup_timeout_seconds if wait_for_servers else 0.0,
+                ),
+            )
+    elif cfg.model.hf_path:
+        report.add("rollout", "OK", f"embedded engine will load {cfg.model.hf_path}")
+    else:
+        report.add(
+            "rollout", "OK", "embedded engine will load the student exported to HF at start-up"
+        )
+    if strict:
+        report.raise_if_failed()
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the recipe, run every check, print the report; a failure exits non-zero."""
+    from megatron_mopd.config import load_config
+
+    report = PreflightReport(echo=print)
+    cfg_box: list = []
+
+    def load() -> str:
+        cfg_box.append(load_config(args.recipe, args.overrides))
+        return f"{args.recipe}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+
+    if report.run("config", load):
+        sub = run_preflight(cfg_box[0], args.offline, args.world_size, echo=print, strict=False)
+        report.results.extend(sub.results)
+    report.raise_if_failed()
+    skipped = sum(r.status == "SKIP" for r in report.results)
+    print(f"all checks passed ({skipped} skipped)" if skipped else "all checks passed")
+    return 0

@@ -1,0 +1,31 @@
+"""Build the rollout engine the config asks for; the trainer never knows which it has."""
+
+from __future__ import annotations
+
+from megatron_mopd.config import Config
+from megatron_mopd.errors import ConfigError
+from megatron_mopd.rollout.base import RolloutEngine
+
+
+def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngine:
+    """The engine of `rollout.backend`, imported lazily.
+
+    `embedded` loads the student from `hf_path` (default `model.hf_path`): a student built
+    from a Megatron checkpoint or at random must first be exported to an HF folder (see
+    `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`.
+    """
+    if cfg.rollout.backend == "embedded":
+        from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
+
+        path = hf_path or cfg.model.hf_path
+        if not path:
+            raise ConfigError(
+                "rollout.backend=embedded needs the student as a Hugging Face folder: set "
+                "model.hf_path, or export the student and pass its folder"
+            )
+        return EmbeddedRolloutEngine(path, seed=cfg.train.seed)
+    if cfg.rollout.backend == "sglang":
+        from megatron_mopd.rollout.sglang import SGLangRolloutEngine
+
+        return SGLangRolloutEngine(cfg.rollout)
+    raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not supported")

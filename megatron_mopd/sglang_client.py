@@ -1,0 +1,562 @@
+"""The low-level HTTP client of SGLang servers (or of one sglang-router in front of them).
+
+    client = SGLangClient(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], name="math")
+    client.wait_healthy(timeout=600)                   # polls GET /health_generate
+    scored = client.score([[1, 5, 9, 7]], starts=[1])  # log p(token i | before) for i >= 1
+    scored[0].logprobs                                  # 3 floats
+    outs = client.generate([[1, 5]], {"max_new_tokens": 8, "temperature": 1.0})
+    client.post_all("/update_weights_from_disk", {"model_path": d})   # every URL
+
+The contract is /work/shared/SGLANG_API.md (sglang 0.5.23). Scoring posts batches of
+`batch_size` sequences as one prefill-only `/generate` request
+(`sampling_params.max_new_tokens = 0`, `return_logprob`, `logprob_start_len = start - 1`,
+`top_logprobs_num`); `meta_info.input_token_logprobs` then starts with a `null` entry
+for token `start - 1`, and entry `j >= 1` is the log-prob of token `start - 1 + j`.
+
+- Several URLs are used round robin, one request at a time each; a retry goes to the
+  next URL. One sglang-router URL works the same way (it spreads the load itself).
+- At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
+  the GIL), so scoring is batched *and* concurrent.
+- Each request has a `timeout` (seconds, for the whole answer; connecting has its own
+  shorter one). Connection errors, dropped connections, timeouts and 5xx answers are
+  retried up to `max_retries` times with exponential backoff and jitter; a 4xx answer
+  (a bad request: retrying cannot help) is not.
+- Every answer is checked before use: one object per sequence, the leading `null`, one
+  `[logprob, token_id, ...]` per token with the token ids that were sent, and every
+  log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
+  server and is not retried. JSON has no NaN: SGLang (orjson) writes NaN and inf as
+  `null`, other servers may write `NaN`/`Infinity`; both are caught.
+- Every failure raises `TeacherError` naming the server URL, the request number and the
+  sequence index; callers (`SGLangTeacher`, `SGLangRolloutEngine`) add their own name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from megatron_mopd.errors import TeacherError
+
+try:  # orjson is much faster on the large log-prob lists; stdlib json is the fallback
+    import orjson
+except ImportError:  # pragma: no cover - orjson is normally present
+    orjson = None
+
+_MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
+
+
+@dataclass
+class ScoredSequence:
+    """Log-probs of the tokens `start..L-1` of one scored sequence (`top_*`: k per token)."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class Generation:
+    """One sampled continuation, as the server returned it (checked)."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: dict
+    weight_version: str | None
+
+
+class _Cancelled(Exception):
+    """Another request of the same call failed: stop retrying this one."""
+
+
+class SGLangClient:
+    """HTTP client of one or several SGLang(-compatible) servers (see the module doc)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        max_retries: int = 3,
+        backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 8.0,
+        max_in_flight: int = 16,
+        name: str = "sglang",
+    ) -> None:
+        if not urls:
+            raise TeacherError(f"{name}: no server URL given")
+        self.urls = [u.rstrip("/") for u in urls]
+        for u in self.urls:
+            if not u.startswith(("http://", "https://")):
+                raise TeacherError(f"{name}: server URL {u!r} must start with http:// or https://")
+        self.name = name
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff_seconds = float(backoff_seconds)
+        self.max_backoff_seconds = float(max_backoff_seconds)
+        self.max_in_flight = max(1, int(max_in_flight))
+        self._rr = itertools.count()
+        self._rr_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(self.timeout, connect=min(connect_timeout, self.timeout)),
+            limits=httpx.Limits(
+                max_connections=self.max_in_flight + 4,
+                max_keepalive_connections=self.max_in_flight + 4,
+            ),
+        )
+
+    # ---------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        """Close connections and the worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._http.close()
+
+    def __enter__(self) -> SGLangClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _next_url(self) -> str:
+        with self._rr_lock:
+            return self.urls[next(self._rr) % len(self.urls)]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        label: str = "request",
+        url: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[Any, str]:
+        """Send one request with retries; return (decoded JSON or text, URL that answered).
+
+        `url` pins the server (no round robin); otherwise each attempt takes the next URL.
+        """
+        content = _dumps(body) if body is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        attempts = self.max_retries + 1
+        last = ""
+        last_url = url or self.urls[0]
+        for attempt in range(attempts):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
+            target = url or self._next_url()
+            last_url = target
+            try:
+                resp = self._http.request(method, target + path, content=content, headers=headers)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.timeout:g} s"
+            except httpx.TransportError as e:
+                last = f"connection error ({type(e).__name__}: {e})"
+            else:
+                if resp.status_code < 400:
+                    return _decode(resp), target
+                message = _error_text(resp)
+                if resp.status_code < 500:
+                    raise TeacherError(
+                        f"{target}{path}: {label} was refused with HTTP {resp.status_code}: "
+                        f"{message}"
+                    )
+                last = f"HTTP {resp.status_code}: {message}"
+            if attempt + 1 < attempts:
+                delay = min(self.max_backoff_seconds, self.backoff_seconds * 2**attempt)
+                time.sleep(delay * (0.5 + random.random() / 2))
+        raise TeacherError(
+            f"{last_url}{path}: {label} failed after {attempts} attempt(s) "
+            f"(max_retries={self.max_retries}); last error: {last}"
+        )
+
+    def post_all(self, path: str, body: Any, label: str | None = None) -> list[Any]:
+        """POST `body` to every URL (e.g. a weight update), one after the other."""
+        return [
+            self.request("POST", path, body, label=label or f"POST {path}", url=u)[0]
+            for u in self.urls
+        ]
+
+    def wait_healthy(self, timeout: float = 600.0, interval: float = 0.5) -> None:
+        """Poll `GET /health_generate` on every URL until each answers 200.
+
+        Raises `TeacherError` naming the URL that was still not healthy at the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        for url in self.urls:
+            last = "no answer"
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    resp = self._http.get(
+                        url + "/health_generate", timeout=max(0.1, min(left, 30.0))
+                    )
+                    if resp.status_code == 200:
+                        break
+                    last = f"HTTP {resp.status_code}"
+                except httpx.HTTPError as e:
+                    last = f"{type(e).__name__}: {e}"
+                if time.monotonic() + interval > deadline:
+                    raise TeacherError(
+                        f"{url} did not become healthy within {timeout:g} s "
+                        f"(GET /health_generate: {last})"
+                    )
+                time.sleep(interval)
+
+    def model_info(self, url: str | None = None) -> dict:
+        """`GET /model_info` of one server (the first URL by default)."""
+        info, _ = self.request("GET", "/model_info", url=url or self.urls[0], label="model_info")
+        return info
+
+    def _map(
+        self,
+        n_items: int,
+        batch_size: int,
+        run: Callable[[int, int, int, threading.Event], list],
+        progress: Callable[[int], None] | None,
+    ) -> list:
+        """Run `run(request_no, lo, hi, cancel)` over batches concurrently, in order."""
+        batch_size = max(1, int(batch_size))
+        bounds = [(lo, min(lo + batch_size, n_items)) for lo in range(0, n_items, batch_size)]
+        if not bounds:
+            return []
+        cancel = threading.Event()
+        if len(bounds) == 1 or self.max_in_flight == 1:
+            out = []
+            for r, (lo, hi) in enumerate(bounds):
+                out.extend(run(r, lo, hi, cancel))
+                if progress:
+                    progress(hi - lo)
+            return out
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="sglang-http")
+        futures: dict[Future, int] = {
+            self._pool.submit(run, r, lo, hi, cancel): r for r, (lo, hi) in enumerate(bounds)
+        }
+        results: list[list | None] = [None] * len(bounds)
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    results[futures[f]] = f.result()  # raises the first failure
+                    if progress:
+                        lo, hi = bounds[futures[f]]
+                        progress(hi - lo)
+        except BaseException:
+            cancel.set()
+            for f in pending:
+                f.cancel()
+            raise
+        return [x for part in results for x in part]
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(
+        self,
+        seqs: Sequence[Sequence[int]],
+        starts: Sequence[int] | None = None,
+        top_k: int = 0,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+        index_offset: int = 0,
+    ) -> list[ScoredSequence]:
+        """Log-probs of tokens `starts[i]..L-1` of each sequence (default start 1: all
+        tokens but the first), one prefill-only request per `batch_size` sequences.
+        Error messages number sequences from `index_offset`."""
+        seqs = [list(s) for s in seqs]
+        starts_l = [1] * len(seqs) if starts is None else [int(s) for s in starts]
+        if len(starts_l) != len(seqs):
+            raise ValueError(f"{len(starts_l)} starts for {len(seqs)} sequences")
+        for i, (s, st) in enumerate(zip(seqs, starts_l)):
+            if not s:
+                raise ValueError(f"sequence {i} is empty")
+            if not 1 <= st <= len(s):
+                raise ValueError(f"sequence {i}: start {st} outside [1, {len(s)}]")
+
+        def run(r: int, lo: int, hi: int, cancel: threading.Event) -> list[ScoredSequence]:
+            # one logprob_start_len for the batch (sglang-router takes no per-item list):
+            # the earliest start; each item's extra leading entries are dropped
+            common = min(starts_l[lo:hi]) - 1
+            body = {
+                "input_ids": seqs[lo:hi],
+                "sampling_params": {
+                    "max_new_tokens": 0,
+                    "temperature": 1.0,
+                    "skip_special_tokens": False,
+                },
+                "return_logprob": True,
+                "logprob_start_len": common,
+                "top_logprobs_num": top_k,
+                "return_text_in_logprobs": False,
+            }
+            a, b = index_offset + lo, index_offset + hi - 1
+            label = f"scoring request for sequences {a}..{b}"
+            answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
+            return [
+                _check_scored(
+                    answer,
+                    url,
+                    label,
+                    j,
+                    hi - lo,
+                    a + j,
+                    seqs[lo + j],
+                    common,
+                    starts_l[lo + j],
+                    top_k,
+                )
+                for j in range(hi - lo)
+            ]
+
+        return self._map(len(seqs), batch_size, run, progress)
+
+    # ---------------------------------------------------------------- sampling
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: dict | Sequence[dict],
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Sample one continuation per prompt with `return_logprob` (output tokens only).
+
+        `sampling_params` is SGLang's: one dict shared by all prompts (sent in batches of
+        `batch_size`), or one dict per prompt (e.g. per-prompt `sampling_seed`s), sent one
+        prompt per request since sglang-router accepts only one `sampling_params` object
+        per request; the server batches concurrent requests itself.
+        """
+        prompts = [list(p) for p in prompts]
+        per_item = not isinstance(sampling_params, dict)
+        if per_item and len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+
+        def run(r: int, lo: int, hi: int, cancel: threading.Event) -> list[Generation]:
+            single = per_item  # then hi == lo + 1
+            body = {
+                "input_ids": prompts[lo] if single else prompts[lo:hi],
+                "sampling_params": sampling_params[lo] if single else sampling_params,
+                "return_logprob": True,
+                "logprob_start_len": -1,
+                "return_text_in_logprobs": False,
+            }
+            label = f"generate request {r} (prompts {lo}..{hi - 1})"
+            answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
+            if single:
+                answer = [answer]
+            return [
+                _check_generation(answer, url, label, j, lo + j, hi - lo) for j in range(hi - lo)
+            ]
+
+        return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
+
+
+# -------------------------------------------------------------------- checks
+
+
+def _item(answer: Any, url: str, label: str, j: int, n: int) -> dict:
+    """Item `j` of a batch answer (a list of n objects)."""
+    if not isinstance(answer, list) or len(answer) != n:
+        got = f"a list of {len(answer)}" if isinstance(answer, list) else type(answer).__name__
+        raise TeacherError(f"{url}: {label}: expected a list of {n} results, got {got}")
+    item = answer[j]
+    if not isinstance(item, dict) or not isinstance(item.get("meta_info"), dict):
+        raise TeacherError(f"{url}: {label}, item {j}: no meta_info in the answer")
+    return item
+
+
+def _check_scored(
+    answer: Any,
+    url: str,
+    label: str,
+    j: int,
+    n: int,
+    index: int,
+    ids: list[int],
+    sent_start: int,
+    start: int,
+    top_k: int,
+) -> ScoredSequence:
+    """Turn item `j` of a scoring answer (n items, sent with `logprob_start_len =
+    sent_start`) into the log-probs of tokens `start..`, or raise `TeacherError`."""
+    meta = _item(answer, url, label, j, n)["meta_info"]
+    where = f"{url}: {label}, sequence {index}"
+    entries = meta.get("input_token_logprobs")
+    expected = len(ids) - sent_start
+    if not isinstance(entries, list) or len(entries) != expected:
+        got = len(entries) if isinstance(entries, list) else repr(entries)[:50]
+        raise TeacherError(
+            f"{where}: {got} input_token_logprobs for {len(ids)} tokens from "
+            f"logprob_start_len={sent_start}; expected {expected}"
+        )
+    skip = start - sent_start  # entries before token `start` (the leading null included)
+    first = entries[0]
+    if not isinstance(first, list | tuple) or len(first) < 2 or first[0] is not None:
+        raise TeacherError(
+            f"{where}: the first input_token_logprobs entry is {first!r}; the contract "
+            "gives a leading null"
+        )
+    logprobs = _fast_logprobs(entries[skip:], ids[start:])
+    if logprobs is None:  # something is off: find it and name it
+        logprobs = _checked_logprobs(entries, ids, skip, sent_start, where)
+    result = ScoredSequence(logprobs)
+    if top_k > 0:
+        tops = meta.get("input_top_logprobs")
+        if not isinstance(tops, list) or len(tops) != expected:
+            raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
+        result.top_ids, result.top_logprobs = [], []
+        for k in range(skip, expected):
+            row = tops[k]
+            pos = sent_start + k
+            if not isinstance(row, list) or len(row) != top_k:
+                got = len(row) if isinstance(row, list) else repr(row)
+                raise TeacherError(f"{where}: token {pos}: {got} top log-probs, expected {top_k}")
+            ids_k, lps_k = [], []
+            for e in row:
+                if not isinstance(e, list | tuple) or len(e) < 2 or not _is_logprob(e[0]):
+                    raise TeacherError(f"{where}: token {pos}: bad top log-prob entry {e!r}")
+                if not isinstance(e[1], int) or isinstance(e[1], bool):
+                    raise TeacherError(f"{where}: token {pos}: bad top token id {e[1]!r}")
+                ids_k.append(e[1])
+                lps_k.append(float(e[0]))
+            result.top_ids.append(ids_k)
+            result.top_logprobs.append(lps_k)
+    return result
+
+
+def _check_generation(answer: Any, url: str, label: str, j: int, index: int, n: int) -> Generation:
+    """Turn item `j` of a sampling answer into a `Generation`, or raise `TeacherError`."""
+    item = _item(answer, url, label, j, n)
+    meta = item["meta_info"]
+    where = f"{url}: {label}, prompt {index}"
+    out_ids = item.get("output_ids")
+    entries = meta.get("output_token_logprobs")
+    finish = meta.get("finish_reason")
+    if isinstance(finish, dict) and finish.get("type") == "abort":
+        raise TeacherError(f"{where}: the server aborted the request: {finish.get('message')}")
+    if not isinstance(finish, dict) or finish.get("type") not in ("stop", "length"):
+        raise TeacherError(f"{where}: unexpected finish_reason {finish!r}")
+    if not isinstance(out_ids, list) or not isinstance(entries, list):
+        raise TeacherError(f"{where}: output_ids / output_token_logprobs missing")
+    if len(entries) != len(out_ids):
+        raise TeacherError(
+            f"{where}: {len(entries)} output_token_logprobs for {len(out_ids)} output tokens"
+        )
+    logprobs = []
+    for t, (e, tok) in enumerate(zip(entries, out_ids)):
+        if not isinstance(e, list | tuple) or len(e) < 2 or e[1] != tok:
+            raise TeacherError(f"{where}: output token {t}: entry {e!r} does not match id {tok}")
+        if not _is_logprob(e[0]):
+            raise TeacherError(
+                f"{where}: output token {t} (id {tok}) has log-prob {e[0]!r}; expected a finite "
+                "number <= 0"
+            )
+        logprobs.append(float(e[0]))
+    return Generation(list(out_ids), logprobs, finish, meta.get("weight_version"))
+
+
+def _checked_logprobs(
+    entries: list, ids: list[int], skip: int, sent_start: int, where: str
+) -> list[float]:
+    """Entry-by-entry check of `input_token_logprobs[skip:]`; raises on the first bad one."""
+    logprobs = []
+    for k in range(skip, len(entries)):
+        e = entries[k]
+        pos = sent_start + k
+        if not isinstance(e, list | tuple) or len(e) < 2:
+            raise TeacherError(f"{where}: token {pos}: malformed entry {e!r}")
+        if e[1] != ids[pos] and e[1] != 0:
+            # SGLang reports ids >= vocab_size - 1 as 0 (logprob_result_processor.py)
+            raise TeacherError(f"{where}: token {pos}: answer is for id {e[1]!r}, sent {ids[pos]}")
+        if not _is_logprob(e[0]):
+            raise TeacherError(
+                f"{where}: token {pos} (id {ids[pos]}) has log-prob {e[0]!r}; expected a finite "
+                "number <= 0"
+            )
+        logprobs.append(float(e[0]))
+    return logprobs
+
+
+def _fast_logprobs(entries: list, ids: list[int]) -> list[float] | None:
+    """The log-probs of well-formed `[logprob, id, ...]` entries for `ids`, checked in
+    bulk (numpy); None when anything is off, and the caller's entry-by-entry pass then
+    finds and names the problem."""
+    try:
+        vals = [e[0] for e in entries]
+        back = [e[1] for e in entries]
+    except (TypeError, IndexError, KeyError):
+        return None
+    if back != ids:
+        return None
+    try:
+        arr = np.asarray(vals, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim != 1 or not (np.isfinite(arr).all() and (arr <= _MAX_LOGPROB).all()):
+        return None
+    return arr.tolist()
+
+
+def _is_logprob(x: Any) -> bool:
+    return (
+        isinstance(x, int | float)
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and x <= _MAX_LOGPROB
+    )
+
+
+def _dumps(body: Any) -> bytes:
+    if orjson is not None:
+        return orjson.dumps(body)
+    return json.dumps(body).encode()
+
+
+def _decode(resp: httpx.Response) -> Any:
+    """JSON (orjson; stdlib json for NaN/Infinity literals) or, if not JSON, the text."""
+    data = resp.content
+    ctype = resp.headers.get("content-type", "")
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        return json.loads(data)
+    except ValueError:
+        if "json" in ctype:
+            return _BadJSON(data[:200].decode(errors="replace"))
+        return data.decode(errors="replace")
+
+
+class _BadJSON(str):
+    """An answer that claimed to be JSON but was not; fails every check downstream."""
+
+
+def _error_text(resp: httpx.Response) -> str:
+    """The message of an error answer (`{"error": {"message": ...}}` or plain text)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300].strip() or resp.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error", body.get("message", body))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:300]
+    return str(body)[:300]

@@ -1,0 +1,316 @@
+"""The MOPD loss inside Megatron's train step (`student.train_step`).
+
+    out = mopd_train_step(chunks, optimizer, batch, cfg.loss, cfg.train.micro_batch_size,
+                          scheduler=scheduler)
+    # {"loss", "grad_norm", "skipped", "lr", "reverse_kl", "reverse_kl/<domain>", ...}
+
+How the global batch becomes the single-process gradient, whatever the layout:
+
+- `batch` is the global `TrainBatch`, identical on every rank. Each data-parallel rank
+  takes a contiguous, balanced share of its sequences (`dp_share`), cut into the same
+  number of micro-batches on every rank, all of one shape `[R, T]` (the pipeline's
+  point-to-point buffers need one shape). Padding rows have an all-zero mask: they add
+  nothing to the loss, the gradient or the statistics.
+- Every sequence's term is divided by the *global* number of sequences (`batch.size`),
+  and `train_step` sums (never averages) over micro-batches and DP ranks, so the step
+  applies the gradient of `loss.mopd_loss` over the whole batch (per-sequence `1/|y|`
+  normalisation included), as tests/test_mopd_parallel.py checks at TP2, PP2, EP2, DP2.
+- Statistics: each micro-batch returns per-domain sums (`mopd/<domain>/<stat>`, every
+  domain every time so the DP all-reduce lines up); `train_step` sums them over
+  micro-batches and DP ranks and `summarize` turns them into means per domain
+  (`reverse_kl/<domain>`) and over all domains (`reverse_kl`).
+- Log-probs: with the sampled estimator, `train_step`'s own vocabulary-parallel log-prob
+  of the sampled token. The top-k estimators also need the student's log-probs of the
+  teacher's top-k ids, i.e. the logits shard, which `train_step`'s `loss_fn` does not see;
+  `train_step_on_logits` is the same step with a hook from logits to log-probs, used with
+  `topk_logprobs` (one pass of `loss.vocab_parallel_gather_logprobs` over the sampled
+  token and the K ids, backward written into the logits' own storage).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_mopd.batch import TrainBatch
+from megatron_mopd.config import LossConfig
+from megatron_mopd.errors import ConfigError
+from megatron_mopd.loss import (
+    STATS,
+    group_stats,
+    mopd_loss,
+    sequence_settings,
+    stats_to_means,
+    vocab_parallel_gather_logprobs,
+)
+from megatron_mopd.student.logprobs import MicroBatch, run_schedule, unwrap_model
+from megatron_mopd.student.train_step import (
+    _grads_nonfinite,
+    _reduce_stored,
+    configure_schedule,
+    train_step,
+)
+
+PREFIX = "mopd"
+LogprobsFn = Callable[[torch.Tensor, MicroBatch, Any], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# splitting the global batch
+
+
+def dp_share(num_sequences: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The global indices of the sequences data-parallel rank `dp_rank` trains on."""
+    return torch.tensor_split(torch.arange(num_sequences), dp_size)[dp_rank].tolist()
+
+
+def micro_batches_for_rank(
+    batch: TrainBatch,
+    dp_rank: int,
+    dp_size: int,
+    micro_batch_size: int,
+    pad_to_multiple_of: int = 1,
+    pad_id: int = 0,
+) -> list[MicroBatch]:
+    """This DP rank's micro-batches of `batch`: the same count and shape on every rank.
+
+    Each holds `tokens_B_T`, `loss_mask_B_T` (the response mask) and in `data` the rollout
+    and teacher log-probs, ORM advantages, domain ids, `valid_B` (0 on padding rows) and,
+    when present, the teacher's top-k ids and log-probs (`[R, T, K]`).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+    per_rank = math.ceil(batch.size / dp_size)
+    count = max(1, math.ceil(per_rank / micro_batch_size))
+    rows = max(1, math.ceil(per_rank / count))
+    length = -(-batch.tokens_B_T.shape[1] // pad_to_multiple_of) * pad_to_multiple_of
+    mine = dp_share(batch.size, dp_rank, dp_size)
+    return [
+        _micro_batch(batch, mine[k * rows : (k + 1) * rows], rows, length, pad_id)
+        for k in range(count)
+    ]
+
+
+def _micro_batch(
+    batch: TrainBatch, index: list[int], rows: int, length: int, pad_id: int
+) -> MicroBatch:
+    idx = torch.tensor(index, dtype=torch.long)
+
+    def take(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+        if t is None:
+            return None
+        x = t[idx]
+        if x.dim() >= 2 and x.shape[1] < length:
+            pad = x.new_full((x.shape[0], length - x.shape[1], *x.shape[2:]), fill)
+            x = torch.cat([x, pad], dim=1)
+        if x.shape[0] < rows:
+            x = torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), fill)])
+        return x
+
+    data = {
+        "rollout_logprobs_B_T": take(batch.rollout_logprobs_B_T, 0.0),
+        "teacher_logprobs_B_T": take(batch.teacher_logprobs_B_T, 0.0),
+        "orm_advantages_B": take(batch.orm_advantages_B, 0.0),
+        "domain_ids_B": take(batch.domain_ids_B, 0),
+        "valid_B": take(torch.ones(batch.size), 0.0),
+        "teacher_topk_ids_B_T_K": take(batch.teacher_topk_ids_B_T_K, 0),
+        "teacher_topk_logprobs_B_T_K": take(batch.teacher_topk_logprobs_B_T_K, 0.0),
+    }
+    return MicroBatch(
+        tokens_B_T=take(batch.tokens_B_T, pad_id),
+        lengths_B=take(batch.lengths_B, 1),
+        loss_mask_B_T=take(batch.mask_B_T, 0.0),
+        data={k: v for k, v in data.items() if v is not None},
+        index_B=list(index),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the loss function given to the train step
+
+
+class MopdLoss:
+    """`loss_fn(logprobs, micro_batch) -> (loss, metrics)` for `train_step`.
+
+    `logprobs` is `[R, T]` (the sampled tokens' log-probs, `train_step`'s default) or
+    `[R, T, 1 + K]` (`topk_logprobs`: the sampled token, then the teacher's top-k ids).
+    Each sequence gets its domain's settings (`loss.sequence_settings`, vectorised), and
+    its term is divided by `global_batch_size`. Metrics are per-domain sums of
+    `loss.STATS`, named `mopd/<domain>/<stat>`.
+    """
+
+    def __init__(self, cfg: LossConfig, domains: Sequence[str], global_batch_size: int):
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size={global_batch_size} must be >= 1")
+        self.cfg = cfg
+        self.domains = list(domains)
+        self.global_batch_size = global_batch_size
+        self.settings = sequence_settings(cfg, self.domains)  # one row per domain
+
+    def __call__(
+        self, logprobs: torch.Tensor, mb: MicroBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = logprobs.device
+        data = {k: v.to(device) for k, v in mb.data.items()}
+        ids = data["domain_ids_B"]
+        kwargs = {k: v.to(device)[ids] for k, v in self.settings.kwargs().items()}
+        train, student_topk = (logprobs[..., 0], logprobs[..., 1:]) if logprobs.dim() == 3 else (
+            logprobs, None
+        )  # fmt: skip
+        loss, metrics = mopd_loss(
+            train,
+            data["rollout_logprobs_B_T"],
+            data["teacher_logprobs_B_T"],
+            mb.loss_mask_B_T.to(device),
+            data["orm_advantages_B"],
+            global_batch_size=self.global_batch_size,
+            student_topk_logprobs=student_topk,
+            teacher_topk_logprobs=data.get("teacher_topk_logprobs_B_T_K"),
+            topk_tail=self.cfg.topk_tail,
+            **kwargs,
+        )
+        stats = metrics["stats"] * data["valid_B"].to(metrics["stats"].dtype)[:, None]
+        sums = group_stats(stats, ids, len(self.domains))
+        out = {
+            f"{PREFIX}/{d}/{name}": sums[j, i]
+            for j, d in enumerate(self.domains)
+            for i, (name, _) in enumerate(STATS)
+        }
+        return loss, out
+
+
+def summarize(out: dict[str, Any], domains: Sequence[str]) -> dict[str, Any]:
+    """Replace the summed `mopd/<domain>/<stat>` entries of a step's output by means: per
+    domain (`<name>/<domain>`, domains without sequences left out) and over all domains
+    (`<name>`); other entries (`loss`, `grad_norm`, ...) are kept as they are."""
+    sums = torch.zeros(len(domains), len(STATS), dtype=torch.float64)
+    result = dict(out)
+    for j, d in enumerate(domains):
+        for i, (name, _) in enumerate(STATS):
+            sums[j, i] = float(result.pop(f"{PREFIX}/{d}/{name}", 0.0))
+    for name, value in stats_to_means(sums.sum(dim=0)).items():
+        result.setdefault(name, float(value))
+    per_domain = stats_to_means(sums)
+    for j, d in enumerate(domains):
+        if sums[j, 0] > 0:
+            result.update({f"{name}/{d}": float(v[j]) for name, v in per_domain.items()})
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# the step
+
+
+def topk_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group: Any) -> torch.Tensor:
+    """`[R, T, 1 + K]` log-probs, position t holding those of the distribution that
+    predicts token t (column 0 is 0): the sampled token, then the teacher's top-k ids.
+
+    One vocabulary-parallel pass over the logits shard `[R, T, V / tp]`; the backward is
+    written into the logits' storage (the schedule does not read them afterwards)."""
+    tokens = mb.tokens_B_T.to(logits.device)
+    top = mb.data["teacher_topk_ids_B_T_K"].to(logits.device)
+    ids = torch.cat([tokens.unsqueeze(-1), top], dim=-1)
+    # logits[:, t] predicts token t + 1: gather position t + 1's ids at t (last: unused)
+    ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+    logprobs = vocab_parallel_gather_logprobs(logits, ids, tp_group, inplace_backward=True)
+    return F.pad(logprobs[:, :-1], (0, 0, 1, 0))
+
+
+def needs_topk(cfg: LossConfig, batch: TrainBatch) -> bool:
+    """Whether a domain present in `batch` uses a top-k estimator."""
+    present = sorted({int(i) for i in batch.domain_ids_B.tolist()})
+    return any(cfg.for_domain(batch.domains[i]).estimator != "sampled" for i in present)
+
+
+def mopd_train_step(
+    model_chunks: list[Any],
+    optimizer: Any,
+    batch: TrainBatch,
+    cfg: LossConfig,
+    micro_batch_size: int,
+    *,
+    scheduler: Any = None,
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """One MOPD optimizer step over the global `batch` (the same on every rank).
+
+    Returns `train_step`'s output (`loss`, `grad_norm`, `skipped`, `lr`) with the MOPD
+    statistics as means over all domains and per domain (see `summarize`).
+    """
+    pgs = unwrap_model(model_chunks[0]).pg_collection
+    micro_batches = micro_batches_for_rank(
+        batch,
+        dist.get_rank(pgs.dp),
+        dist.get_world_size(pgs.dp),
+        micro_batch_size,
+        pad_to_multiple_of=dist.get_world_size(pgs.tp),
+        pad_id=pad_id,
+    )
+    loss_fn = MopdLoss(cfg, batch.domains, batch.size)
+    if needs_topk(cfg, batch):
+        if batch.teacher_topk_ids_B_T_K is None or batch.teacher_topk_logprobs_B_T_K is None:
+            raise ConfigError(
+                "loss.estimator (or a loss.per_domain override) is a top-k estimator but the "
+                "teachers returned no top-k log-probs: set teachers.<name>.top_k > 0"
+            )
+        out = train_step_on_logits(
+            model_chunks, optimizer, micro_batches, topk_logprobs, loss_fn, scheduler=scheduler
+        )
+    else:
+        out = train_step(model_chunks, optimizer, micro_batches, loss_fn, scheduler=scheduler)
+    return summarize(out, batch.domains)
+
+
+def train_step_on_logits(
+    model_chunks: list[Any],
+    optimizer: Any,
+    micro_batches: list[MicroBatch],
+    logprobs_fn: LogprobsFn,
+    loss_fn: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]]],
+    *,
+    scheduler: Any = None,
+) -> dict[str, Any]:
+    """`student.train_step.train_step` with the log-probs computed by
+    `logprobs_fn(logits_shard, micro_batch, tp_group)` instead of the sampled tokens'.
+
+    Same gradient contract, same return value. (A `logprobs_fn` argument of `train_step`
+    would make this function unnecessary.)
+    """
+    pgs = unwrap_model(model_chunks[0]).pg_collection
+    configure_schedule(model_chunks, optimizer)
+    for chunk in model_chunks:
+        chunk.train()
+        if hasattr(chunk, "zero_grad_buffer"):
+            chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    def loss_func_for(mb: MicroBatch):
+        def loss_func(logits: torch.Tensor):
+            loss, metrics = loss_fn(logprobs_fn(logits, mb, pgs.tp), mb)
+            reduced = {"loss": float(loss.detach())}
+            reduced.update({k: float(v) for k, v in metrics.items()})
+            return loss, torch.tensor(0, dtype=torch.int), reduced
+
+        return loss_func
+
+    stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
+    if _grads_nonfinite(model_chunks):
+        optimizer.zero_grad()
+        skipped, grad_norm = True, float("nan")
+    else:
+        success, grad_norm, _ = optimizer.step()
+        skipped = not success
+        if grad_norm is None and not skipped:
+            grad_norm = optimizer.get_grad_norm()
+        if not skipped and scheduler is not None:
+            scheduler.step(increment=1)
+    out = _reduce_stored(stored, pgs)
+    out["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+    out["skipped"] = skipped
+    out["lr"] = float(optimizer.param_groups[0]["lr"])
+    return out

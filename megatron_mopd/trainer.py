@@ -1,0 +1,117 @@
+"""The MOPD loop: sample -> score by domain teacher -> rewards -> Megatron step -> sync.
+
+    torchrun --nproc-per-node N -m megatron_mopd train RECIPE.yaml [key=value ...]
+
+`train()` reads as the algorithm (MOPD.md, "Where the pieces run"); every stage is a
+function or object from the module named after it. Rollout generation, teacher scoring
+and rewards run on global rank 0 (the "driver", which talks to the inference engine and
+the teachers, as slime's and verl's controllers do); the scored batch is broadcast and
+each data-parallel rank trains on its share through Megatron's schedule. After each
+step the student's weights are pushed to the rollout engine, so rollouts are always
+on-policy up to the train/inference numerical mismatch that IcePop corrects.
+
+Determinism: sampling seeds are derived from (train.seed, step), and prompts come from a
+resumable sampler, so a run resumed from a checkpoint reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_mopd.config import Config
+from megatron_mopd.errors import TeacherError, UserError
+
+
+@dataclass
+class StepTimer:
+    """Wall time of each stage of one step."""
+
+    times: dict[str, float]
+
+    def __init__(self):
+        self.times = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def train(cfg: Config) -> dict:
+    """Run MOPD training as configured; returns the last step's metrics (rank 0)."""
+    from megatron_mopd import distributed
+    from megatron_mopd.run import Run
+
+    env = distributed.init_distributed(cfg.parallel, cfg.model, seed=cfg.train.seed)
+    run = Run.create(cfg, env)  # student, data, teachers, rollout engine, logger, checkpoints
+    try:
+        start = run.resume_or_start()  # loads the newest checkpoint, syncs weights to the engine
+        last: dict = {}
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            timer = StepTimer()
+            batch = None
+            if run.is_driver:
+                with timer.stage("rollout"):
+                    prompts = run.data.next_prompts(cfg.train.prompts_per_step)
+                    rollouts = run.rollout(prompts, step)
+                with timer.stage("teacher"):
+                    scores = run.score(rollouts, prompts)
+                with timer.stage("reward"):
+                    orm = run.outcome_advantages(rollouts, prompts)
+                batch = run.make_batch(rollouts, scores, prompts, orm)
+            batch = run.broadcast(batch)
+            with timer.stage("train"):
+                metrics = run.student.train_on(batch, cfg.loss)
+            with timer.stage("weight_sync"):
+                run.sync_weights(step)
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                with timer.stage("eval"):
+                    run.evaluate(step)
+            last = run.log_step(step, metrics, batch, timer.times)
+            if run.should_stop_nonfinite(metrics):
+                run.save(step)
+                raise UserError(
+                    f"stopped at step {step}: {cfg.train.max_consecutive_nonfinite} steps in a "
+                    "row had a non-finite loss or gradient (see metrics.jsonl)"
+                )
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                run.save(step)
+        if cfg.train.eval_interval:
+            run.evaluate(cfg.train.max_steps, final=True)
+        run.save(cfg.train.max_steps)
+        return last
+    except TeacherError:
+        run.save_on_failure()  # a teacher failed mid-run: keep what was trained, then stop
+        raise
+    finally:
+        run.close()
+        distributed.destroy()
+
+
+def is_finite_metrics(metrics: dict) -> bool:
+    """True when the step's loss and grad norm are finite."""
+    for key in ("loss", "grad_norm"):
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            return False
+    return True
+
+
+def default_run_dir(cfg: Config) -> str:
+    """`run_dir` as an absolute path."""
+    return os.path.abspath(cfg.run_dir)
+
+
+__all__ = ["train", "is_finite_metrics", "default_run_dir", "StepTimer", "torch"]

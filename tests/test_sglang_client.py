@@ -1,0 +1,310 @@
+"""The SGLang client, teacher and rollout backends over real HTTP, with injected faults.
+
+Faults come from a proxy (`FlakyProxy`) between the client and an in-process server:
+500s and dropped connections are retried and give the same results as a clean run;
+malformed answers (wrong length, null, NaN, +inf, wrong ids, no leading null) are errors
+naming the request; a slow server times out; a down teacher is named with its URL and
+domain after the configured retries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from sglang_helpers import FlakyProxy, InProcessServer, random_seqs, reference_logprobs
+
+from megatron_mopd.config import RolloutConfig, TeacherConfig
+from megatron_mopd.errors import TeacherError
+from megatron_mopd.rollout.sglang import SGLangRolloutEngine
+from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.teachers.sglang import SGLangTeacher
+from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.types import SamplingParams, ScoreRequest
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_hf_model("qwen3_moe", str(tmp_path_factory.mktemp("m") / "teacher"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = InProcessServer(model_dir, seed=0)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    return random_seqs(12, 2, 24, seed=11)
+
+
+@pytest.fixture(scope="module")
+def clean(server, seqs):
+    """A clean run, one request at a time: the server then batches exactly what each
+    request holds, so a run with the same requests gives bit-identical floats."""
+    with SGLangClient([server.url], max_in_flight=1) as c:
+        return c.score(seqs, batch_size=3)
+
+
+def close(a, b, tol=TOL):
+    """Same log-probs up to `tol` (batch composition changes the float rounding)."""
+    return len(a) == len(b) and all(
+        len(x.logprobs) == len(y.logprobs)
+        and all(abs(p - q) < tol for p, q in zip(x.logprobs, y.logprobs))
+        for x, y in zip(a, b)
+    )
+
+
+@pytest.fixture
+def proxy_factory(server):
+    proxies = []
+
+    def make(plan=None, target=None):
+        p = FlakyProxy(target or server.url, plan)
+        proxies.append(p)
+        return p
+
+    yield make
+    for p in proxies:
+        p.stop()
+
+
+def fast_client(urls, **kw):
+    kw.setdefault("backoff_seconds", 0.01)
+    kw.setdefault("max_in_flight", 4)
+    return SGLangClient(urls, **kw)
+
+
+# ----------------------------------------------------------------------------- correct
+
+
+def test_score_matches_transformers(clean, seqs, model_dir):
+    ref = reference_logprobs(model_dir, seqs)
+    for s, r, got in zip(seqs, ref, clean):
+        assert len(got.logprobs) == len(s) - 1
+        assert max((abs(a - b) for a, b in zip(got.logprobs, r)), default=0) < TOL
+
+
+def test_batches_are_concurrent_and_ordered(server, seqs, clean, proxy_factory):
+    proxy = proxy_factory(lambda n, m, p: ("sleep", 0.2))
+    with fast_client([proxy.url], max_in_flight=4) as c:
+        t = time.monotonic()
+        out = c.score(seqs, batch_size=3)
+        elapsed = time.monotonic() - t
+    assert proxy.count() == 4
+    assert elapsed < 0.75  # 4 requests of >= 0.2 s each, in flight together
+    assert close(out, clean)
+    body = proxy.seen[0][2]
+    assert body["sampling_params"]["max_new_tokens"] == 0 and body["return_logprob"] is True
+    assert len(body["input_ids"]) == 3 and body["logprob_start_len"] == 0
+
+
+def test_response_starts_and_top_k(server, seqs, model_dir):
+    ref = reference_logprobs(model_dir, seqs)
+    starts = [max(1, len(s) // 2) for s in seqs]
+    with fast_client([server.url]) as c:
+        out = c.score(seqs, starts=starts, top_k=2, batch_size=5)
+    for s, st, r, o in zip(seqs, starts, ref, out):
+        assert len(o.logprobs) == len(s) - st
+        assert max((abs(a - b) for a, b in zip(o.logprobs, r[st - 1 :])), default=0) < TOL
+        assert len(o.top_ids) == len(o.logprobs) and all(len(t) == 2 for t in o.top_ids)
+        for lp, tops in zip(o.logprobs, o.top_logprobs):
+            assert tops[0] >= lp - TOL and tops[0] >= tops[1]
+
+
+def test_round_robin_over_urls(server, seqs, clean, proxy_factory):
+    a, b = proxy_factory(), proxy_factory()
+    with fast_client([a.url, b.url]) as c:
+        out = c.score(seqs, batch_size=2)
+    assert a.count() == 3 and b.count() == 3
+    assert close(out, clean)
+
+
+def test_teacher_scores_response_tokens(server, seqs, model_dir):
+    ref = reference_logprobs(model_dir, seqs)
+    cfg = TeacherConfig(backend="sglang", domains=["math"], urls=[server.url], batch_size=4)
+    teacher = SGLangTeacher("math_teacher", cfg)
+    try:
+        reqs = [ScoreRequest(s, max(1, len(s) - 3)) for s in seqs]
+        res = teacher.score(reqs)
+        for req, r, out in zip(reqs, ref, res):
+            want = r[req.response_start - 1 :]
+            assert len(out.logprobs) == len(req.input_ids) - req.response_start
+            assert max((abs(a - b) for a, b in zip(out.logprobs, want)), default=0) < TOL
+        topk = teacher.score(reqs[:2], top_k=3)
+        assert all(len(t) == 3 for t in topk[0].top_ids)
+    finally:
+        teacher.close()
+
+
+def test_rollout_engine_generate_and_update_weights(server, model_dir, tmp_path):
+    srv = InProcessServer(model_dir, seed=0)
+    cfg = RolloutConfig(backend="sglang", urls=[srv.url], batch_size=2, retry_backoff_seconds=0.01)
+    engine = SGLangRolloutEngine(cfg)
+    try:
+        prompts = [[1, 10, 11], [1, 12], [1, 10, 11]]
+        sp = SamplingParams(max_new_tokens=5, seed=3)
+        rolls = engine.generate(prompts, sp)
+        assert [r.response_ids for r in engine.generate(prompts, sp)] == [
+            r.response_ids for r in rolls
+        ]  # seeded
+        assert rolls[0].response_ids != rolls[2].response_ids or len(rolls[0].response_ids) < 3
+        for p, r in zip(prompts, rolls):
+            assert r.prompt_ids == p and len(r.rollout_logprobs) == len(r.response_ids)
+            assert r.finish_reason in ("stop", "length") and r.weight_version == "default"
+            ref = reference_logprobs(model_dir, [p + r.response_ids])[0][len(p) - 1 :]
+            assert max(abs(a - b) for a, b in zip(r.rollout_logprobs, ref)) < TOL
+        unseeded = engine.generate(prompts[:2], SamplingParams(max_new_tokens=3))
+        assert len(unseeded) == 2
+        assert engine.weight_version == "default"
+        other = make_tiny_hf_model("qwen3_moe", str(tmp_path / "new"), seed=9)
+        engine.update_weights_from_disk(other, "7")
+        assert engine.weight_version == "7"
+        again = engine.generate(prompts[:1], sp)[0]
+        assert again.weight_version == "7"
+        ref = reference_logprobs(other, [prompts[0] + again.response_ids])[0][2:]
+        assert max(abs(a - b) for a, b in zip(again.rollout_logprobs, ref)) < TOL
+    finally:
+        engine.close()
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_500_and_dropped_connections_are_retried(server, seqs, clean, proxy_factory):
+    bad = {0: "500", 2: "drop", 3: "500", 5: "drop"}
+    proxy = proxy_factory(lambda n, m, p: bad.get(n))
+    with fast_client([proxy.url], max_retries=3, max_in_flight=1) as c:
+        out = c.score(seqs, batch_size=3)
+    assert proxy.count() == 4 + len(bad)
+    assert [o.logprobs for o in out] == [o.logprobs for o in clean]  # bit-identical
+
+
+def test_retries_exhausted_name_the_url(proxy_factory):
+    proxy = proxy_factory(lambda n, m, p: "500")
+    with fast_client([proxy.url], max_retries=2) as c, pytest.raises(TeacherError) as e:
+        c.score([[1, 2, 3]])
+    assert proxy.count() == 3
+    assert proxy.url in str(e.value) and "HTTP 500" in str(e.value) and "3 attempt" in str(e.value)
+
+
+def test_4xx_is_not_retried(server):
+    with fast_client([server.url], max_retries=3) as c, pytest.raises(TeacherError) as e:
+        c.score([[1, 500, 3]])
+    assert "HTTP 400" in str(e.value) and "token id 500" in str(e.value)
+
+
+def _mutate_entry(seq_index, token, value):
+    def fn(body):
+        body[seq_index]["meta_info"]["input_token_logprobs"][token][0] = value
+        return body
+
+    return fn
+
+
+def _drop_last(body):
+    body[1]["meta_info"]["input_token_logprobs"].pop()
+    return body
+
+
+def _no_leading_null(body):
+    body[0]["meta_info"]["input_token_logprobs"][0][0] = -1.0
+    return body
+
+
+def _wrong_id(body):
+    body[2]["meta_info"]["input_token_logprobs"][2][1] += 1
+    return body
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (_drop_last, "sequence 4: 5 input_token_logprobs"),
+        (_mutate_entry(0, 2, None), "sequence 3: token 2"),
+        (_mutate_entry(1, 1, float("nan")), "has log-prob nan"),
+        (_mutate_entry(2, 3, float("inf")), "has log-prob inf"),
+        (_mutate_entry(2, 3, 0.5), "has log-prob 0.5"),
+        (_no_leading_null, "leading null"),
+        (_wrong_id, "answer is for id"),
+    ],
+)
+def test_malformed_answers_are_errors(server, proxy_factory, mutate, needle):
+    seqs = [[1, 2, 3, 4, 5, 6]] * 6
+    proxy = proxy_factory(lambda n, m, p: ("mutate", mutate) if n == 1 else None)
+    with fast_client([proxy.url], max_in_flight=1) as c, pytest.raises(TeacherError) as e:
+        c.score(seqs, batch_size=3)
+    msg = str(e.value)
+    assert needle in msg and proxy.url in msg and "sequences 3..5" in msg, msg
+
+
+def test_malformed_answer_fails_the_teacher(server, proxy_factory):
+    proxy = proxy_factory(lambda n, m, p: ("mutate", _mutate_entry(0, 2, float("nan"))))
+    cfg = TeacherConfig(backend="sglang", domains=["code"], urls=[proxy.url])
+    teacher = SGLangTeacher("coder", cfg, wait=False)
+    with pytest.raises(TeacherError) as e:
+        teacher.score([ScoreRequest([1, 2, 3, 4], 1)])
+    assert "'coder'" in str(e.value) and "code" in str(e.value) and "nan" in str(e.value)
+
+
+def test_slow_server_times_out(proxy_factory):
+    proxy = proxy_factory(lambda n, m, p: ("sleep", 1.5))
+    with (
+        fast_client([proxy.url], timeout=0.3, max_retries=1) as c,
+        pytest.raises(TeacherError) as e,
+    ):
+        t = time.monotonic()
+        c.score([[1, 2, 3]])
+    assert time.monotonic() - t < 1.4
+    assert "timed out after 0.3 s" in str(e.value) and proxy.url in str(e.value)
+
+
+def test_down_teacher_is_named_with_url_and_domain():
+    from sglang_helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = TeacherConfig(
+        backend="sglang",
+        domains=["math", "physics"],
+        urls=[url],
+        max_retries=2,
+        retry_backoff_seconds=0.01,
+    )
+    teacher = SGLangTeacher("math_teacher", cfg, wait=False)
+    with pytest.raises(TeacherError) as e:
+        teacher.score([ScoreRequest([1, 2, 3], 1)])
+    msg = str(e.value)
+    assert "'math_teacher'" in msg and "math, physics" in msg and url in msg
+    assert "3 attempt" in msg and "connection error" in msg
+    # and at start-up: the health wait names it too
+    cfg.startup_timeout_seconds = 0.5
+    with pytest.raises(TeacherError) as e:
+        SGLangTeacher("math_teacher", cfg)
+    assert "health_generate" in str(e.value) and url in str(e.value)
+
+
+def test_wait_healthy_waits_for_loading(model_dir):
+    """/health_generate is 503 while the model loads; wait_healthy waits it out."""
+    import threading
+
+    import httpx
+
+    from megatron_mopd.server import SGLangCompatibleServer
+
+    srv = SGLangCompatibleServer(model_dir, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()  # not loaded yet
+    try:
+        assert httpx.get(srv.url + "/health_generate", timeout=5).status_code == 503
+        threading.Timer(0.3, srv.load).start()
+        with fast_client([srv.url]) as c:
+            c.wait_healthy(timeout=60, interval=0.05)
+            out = c.score([[1, 2, 3]])
+        assert len(out[0].logprobs) == 2 and all(math.isfinite(x) for x in out[0].logprobs)
+    finally:
+        srv.shutdown()

@@ -1,0 +1,186 @@
+"""Benchmark teacher scoring over HTTP: batched + concurrent vs one request at a time.
+
+    .venv/bin/python tools/bench_scoring.py                  # 2,048 x 256 tokens, tiny MoE
+    .venv/bin/python tools/bench_scoring.py --hf DIR --n 512 --length 512
+
+Starts two `mopd serve` processes (one torch thread each) and the real sglang-router in
+front of them, all on loopback under `timeout`, and scores the same sequences:
+
+- sequential: one sequence per request, one request in flight (round robin over both
+  servers); timed on the first `--sequential-n` sequences,
+- batched: `--batch-size` sequences per request, `--max-in-flight` in flight, directly
+  against both servers, then through the router.
+
+Prints sequences/s for each, the speed-up of batched over sequential, and the client's
+own overhead: the CPU time of this process (JSON, checks, HTTP) per sequence, against
+the servers' CPU time per sequence (read from /proc). All results are checked equal
+(within 1e-4) between modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], log: str, lifetime: int) -> subprocess.Popen:
+    """Run `argv` under coreutils `timeout` so it stops by itself."""
+    return subprocess.Popen(
+        ["timeout", "-k", "5", str(lifetime), *argv],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+
+
+def server_pid(p: subprocess.Popen) -> int:
+    """The pid of the child of `timeout` (the server itself)."""
+    with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+        kids = f.read().split()
+    return int(kids[0]) if kids else p.pid
+
+
+def run_mode(client, seqs, batch_size, pids) -> tuple[float, float, float, list]:
+    """Score `seqs`; returns (wall s, client CPU s, servers' CPU s, results)."""
+    srv0 = sum(cpu_seconds(p) for p in pids)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    out = client.score(seqs, batch_size=batch_size)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return wall, cpu, sum(cpu_seconds(p) for p in pids) - srv0, out
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Start the servers and the router, run every mode, print the figures."""
+    import torch
+
+    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.tiny import make_tiny_hf_model
+
+    work = tempfile.mkdtemp(prefix="mopd_bench_")
+    hf = args.hf or make_tiny_hf_model(args.arch, os.path.join(work, "model"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(4, 128, (args.n, args.length), generator=g).tolist()
+
+    procs, urls = [], []
+    py = sys.executable
+    try:
+        for i in range(2):
+            port = free_port()
+            procs.append(
+                spawn(
+                    [py, "-m", "megatron_mopd", "serve", "--hf", hf, "--port", str(port)]
+                    + ["--num-threads", "1", "--max-batch-tokens", str(args.max_batch_tokens)],
+                    os.path.join(work, f"server{i}.log"),
+                    args.lifetime,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        router_url = None
+        rport = free_port()
+        procs.append(
+            spawn(
+                [py, "-m", "sglang_router.launch_router", "--worker-urls", *urls]
+                + ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(rport)]
+                + ["--log-level", "warn"],
+                os.path.join(work, "router.log"),
+                args.lifetime,
+            )
+        )
+        with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
+            c.wait_healthy(180)
+        pids = [server_pid(p) for p in procs[:2]]
+        try:
+            with SGLangClient([f"http://127.0.0.1:{rport}"], timeout=60) as c:
+                c.wait_healthy(30)
+            router_url = f"http://127.0.0.1:{rport}"
+        except Exception as e:  # noqa: BLE001 - the router part is optional
+            print(f"router unavailable, skipped: {e}")
+
+        print(
+            f"scoring {args.n} sequences x {args.length} tokens, model {hf}, "
+            f"2 servers x 1 thread, {os.cpu_count()} cores"
+        )
+        rows = []
+        sub = seqs[: args.sequential_n]
+        with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
+            c.score(sub[:4], batch_size=1)  # warm-up
+            wall, cpu, srv, seq_out = run_mode(c, sub, 1, pids)
+        rows.append(("sequential (1 seq/request, 1 in flight)", len(sub), wall, cpu, srv))
+        seq_rate = len(sub) / wall
+
+        modes = [("batched, direct to 2 servers", urls)]
+        if router_url:
+            modes.append(("batched, through sglang-router", [router_url]))
+        results = {}
+        for name, targets in modes:
+            with SGLangClient(targets, timeout=600, max_in_flight=args.max_in_flight) as c:
+                c.score(seqs[:8], batch_size=args.batch_size)  # warm-up
+                wall, cpu, srv, out = run_mode(c, seqs, args.batch_size, pids)
+            rows.append((f"{name} ({args.batch_size}/req, {args.max_in_flight} in flight)",
+                         len(seqs), wall, cpu, srv))  # fmt: skip
+            results[name] = out
+
+        for out in results.values():
+            for a, b in zip(seq_out, out):
+                if max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) > 1e-4:
+                    raise SystemExit("results differ between modes")
+
+        print(f"{'mode':58s} {'seq/s':>8s} {'speed-up':>9s} {'client ms/seq':>14s} "
+              f"{'server ms/seq':>14s} {'client/server':>14s}")  # fmt: skip
+        for name, n, wall, cpu, srv in rows:
+            rate = n / wall
+            print(
+                f"{name:58s} {rate:8.1f} {rate / seq_rate:8.1f}x {1000 * cpu / n:14.3f} "
+                f"{1000 * srv / n:14.3f} {100 * cpu / max(srv, 1e-9):13.2f}%"
+            )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    """Parse flags and run the benchmark."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hf", help="HF model folder (default: a tiny qwen3_moe built here)")
+    ap.add_argument("--arch", default="qwen3_moe", help="tiny architecture when --hf is unset")
+    ap.add_argument("--n", type=int, default=2048, help="sequences")
+    ap.add_argument("--length", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--sequential-n", type=int, default=256, help="sequences timed sequentially")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-in-flight", type=int, default=4)
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--lifetime", type=int, default=1800, help="servers stop after this (s)")
+    bench(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
