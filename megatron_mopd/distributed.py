@@ -138,9 +138,6 @@ def init_distributed(
     backend = resolve_backend(parallel)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if not torch.cuda.is_available():
         from megatron_mopd.patches import megatron_core
 
@@ -191,9 +188,7 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def current_layout(
-    parallel: ParallelConfig, model: ModelConfig | None = None
-) -> ParallelLayout:
+def current_layout(parallel: ParallelConfig, model: ModelConfig | None = None) -> ParallelLayout:
     """The `ParallelLayout` of megatron's current groups (after `init_distributed`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection

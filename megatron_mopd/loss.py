@@ -473,8 +473,8 @@ def vocab_parallel_gather_logprobs(
     logits_shard: Tensor,
     token_ids: Tensor,
     tp_group: dist.ProcessGroup | None = None,
-    inplace_backward: bool = False,
-    chunk_elements: int = 1 << 24,
+    inplace: bool = False,
+    chunk_elements: int = 1 << 22,
 ) -> Tensor:
     """Log-softmax of vocabulary-sharded logits at chosen token ids, never gathering `V`.
 
@@ -484,9 +484,13 @@ def vocab_parallel_gather_logprobs(
             vocabulary-parallel output layer does). The full logits when `tp_group` is None.
         token_ids: `[..., K]` global ids (e.g. the sampled token and the teacher's top-k).
         tp_group: the tensor-parallel group, or None.
-        inplace_backward: reuse the logits' storage for their gradient (saves one
-            `[..., V/tp]` buffer; the logits must not be read after backward).
-        chunk_elements: work in row chunks of about this many elements to bound temporaries.
+        inplace: overwrite the logits' storage with their exponentials and then with their
+            gradient, as Megatron's cross-entropy does: no `[..., V/tp]` buffer besides the
+            logits themselves. The logits must not be read afterwards (an autograd node
+            that saved them raises on backward). Needs float32/float64 contiguous logits;
+            otherwise one float32 buffer is used.
+        chunk_elements: rows are processed in chunks of about this many elements, so the
+            subtract / exp / sum passes stay in cache.
 
     Returns `[..., K]` float32 log-probs (float64 for float64 logits), identical on every
     rank of the group. The normaliser uses an all-reduce of the max and of the sum of
@@ -494,59 +498,60 @@ def vocab_parallel_gather_logprobs(
     Backward gives each rank the gradient of its own shard (the loss is computed
     identically on all ranks, as in Megatron), so the all-reduces pass gradients through.
     """
-    return _VocabParallelGather.apply(
-        logits_shard, token_ids, tp_group, inplace_backward, chunk_elements
-    )
+    return _VocabParallelGather.apply(logits_shard, token_ids, tp_group, inplace, chunk_elements)
 
 
 class _VocabParallelGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, group, inplace_backward, chunk_elements):  # type: ignore[override]
+    def forward(ctx, logits, ids, group, inplace, chunk_elements):  # type: ignore[override]
         part = logits.shape[-1]
         rank = dist.get_rank(group) if group is not None else 0
-        flat = logits.reshape(-1, part)
-        flat_ids = ids.reshape(flat.shape[0], -1)
         dtype = _float_dtype(logits)
+        flat = logits.reshape(-1, part)
+        flat_ids = ids.reshape(flat.shape[0], -1).to(flat.device)
+        own = inplace and logits.dtype == dtype and flat.data_ptr() == logits.data_ptr()
         with torch.no_grad():
             top = flat.max(dim=-1).values.to(dtype)
             if group is not None:
                 dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = torch.empty_like(top)
-            rows = max(1, chunk_elements // max(part, 1))
-            for i in range(0, flat.shape[0], rows):
-                chunk = flat[i : i + rows].to(dtype) - top[i : i + rows, None]
-                sum_exp[i : i + rows] = chunk.exp_().sum(dim=-1)
-            if group is not None:
-                dist.all_reduce(sum_exp, group=group)
-            lse = top + sum_exp.log()
             local = flat_ids - rank * part
             inside = (local >= 0) & (local < part)
             local = local.clamp(0, part - 1)
-            picked = torch.where(inside, flat.gather(-1, local).to(dtype), 0.0)
+            exps = flat if own else torch.empty(flat.shape, dtype=dtype, device=flat.device)
+            both = torch.empty(
+                flat.shape[0], flat_ids.shape[1] + 1, dtype=dtype, device=flat.device
+            )
+            rows = max(1, chunk_elements // max(part, 1))
+            for i in range(0, flat.shape[0], rows):
+                sl = slice(i, i + rows)
+                chunk = torch.sub(flat[sl], top[sl, None], out=exps[sl])
+                both[sl, :-1] = torch.where(inside[sl], chunk.gather(-1, local[sl]), 0.0)
+                both[sl, -1] = chunk.exp_().sum(dim=-1)
             if group is not None:
-                dist.all_reduce(picked, group=group)
-            out = picked - lse[:, None]
-        ctx.save_for_backward(logits, lse, local, inside)
-        ctx.inplace_backward = inplace_backward
-        ctx.rows = max(1, chunk_elements // max(part, 1))
+                dist.all_reduce(both, group=group)
+            sum_exp = both[:, -1]
+            out = both[:, :-1] - sum_exp.log()[:, None]
+        # save the input itself when its storage holds the exponentials (a view made here
+        # in no-grad mode may not be saved)
+        ctx.save_for_backward(logits if own else exps, sum_exp, local, inside)
+        ctx.logits_dtype = logits.dtype
         return out.reshape(ids.shape)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        logits, lse, local, inside = ctx.saved_tensors
-        part = logits.shape[-1]
-        flat = logits.reshape(-1, part)
-        g_all = grad_out.reshape(flat.shape[0], -1).to(lse.dtype)
-        total = g_all.sum(dim=-1)
-        g = torch.where(inside, g_all, 0.0)
-        grad = flat if ctx.inplace_backward else torch.empty_like(flat)
+        exps, sum_exp, local, inside = ctx.saved_tensors
+        exps = exps.reshape(sum_exp.shape[0], -1)
+        g = grad_out.reshape(exps.shape[0], -1).to(exps.dtype)
         # d logp_k / d z_v = [v == id_k] - softmax_v  =>  grad = scatter(g) - softmax * sum(g)
-        for i in range(0, flat.shape[0], ctx.rows):
-            sl = slice(i, i + ctx.rows)
-            soft = (flat[sl].to(lse.dtype) - lse[sl, None]).exp_().mul_(-total[sl, None])
-            grad[sl] = soft.to(grad.dtype)
-        grad.scatter_add_(-1, local, g.to(grad.dtype))
-        return grad.reshape(logits.shape), None, None, None, None
+        grad = exps.mul_((-g.sum(dim=-1) / sum_exp)[:, None])  # exps are not needed after this
+        grad.scatter_add_(-1, local, torch.where(inside, g, 0.0))
+        return (
+            grad.to(ctx.logits_dtype).reshape(grad_out.shape[:-1] + (-1,)),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Run:
         self.student = None
         self.tokenizer = None
         self.nonfinite_in_row = 0
+        self.saved_step: int | None = None
         self.progress = None
         self._last_eval: dict[str, float] = {}
         self._t_start = time.time()
@@ -142,7 +143,9 @@ class Run:
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
-            self.progress = tqdm(total=cfg.train.max_steps, desc="mopd", unit="step", file=sys.stderr)
+            self.progress = tqdm(
+                total=cfg.train.max_steps, desc="mopd", unit="step", file=sys.stderr
+            )
 
     # ---------------------------------------------------------------- stages
     def rollout(self, prompt_index: list[int], step: int) -> list[Rollout]:
@@ -296,10 +299,18 @@ class Run:
                 row[f"teacher_sequences/{d}"] = c.sequences
         self.logger.log(step, row)
         if self.progress is not None:
-            show = {"loss": row.get("loss"), "kl": row.get("reverse_kl"), "tok/s": row["tokens_per_s"]}
+            show = {
+                "loss": row.get("loss"),
+                "kl": row.get("reverse_kl"),
+                "tok/s": row["tokens_per_s"],
+            }
             show.update({k.split("/")[-1]: v for k, v in self._last_eval.items()})
             self.progress.set_postfix(
-                {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in show.items() if v is not None},
+                {
+                    k: (f"{v:.3g}" if isinstance(v, float) else v)
+                    for k, v in show.items()
+                    if v is not None
+                },
                 refresh=False,
             )
             self.progress.update(1)
@@ -335,12 +346,12 @@ class Run:
                     json.dump(self.trainer_state(step), f, indent=1)
 
         self.ckpt.save(step, write)
-        self._saved_step = step
+        self.saved_step = step
 
     def save_on_failure(self) -> None:
         """Best effort: keep the newest trained state when a teacher fails mid-run."""
         step = self.student.step
-        if step and getattr(self, "_saved_step", None) != step:
+        if step and self.saved_step != step:
             try:
                 self.save(step)
             except Exception as e:  # the original error matters more

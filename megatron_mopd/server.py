@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from megatron_mopd.sglang_client import gc_paused
 from megatron_mopd.types import SamplingParams
 
 log = logging.getLogger("megatron_mopd.server")
@@ -393,10 +394,11 @@ def run_batch(engine, items: list[Item]) -> None:
             )
             tops = {id(it): out for it, out in zip(sampled, outs)}
     version = engine.weight_version
-    for it in items:
-        it.result = _response(
-            engine, it, scores.get(id(it)), gens.get(id(it)), tops.get(id(it)), version
-        )
+    with gc_paused():
+        for it in items:
+            it.result = _response(
+                engine, it, scores.get(id(it)), gens.get(id(it)), tops.get(id(it)), version
+            )
 
 
 def _response(engine, it: Item, score, gen, top, version: str) -> dict:
@@ -493,7 +495,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             return {}
         try:
-            return json.loads(raw)
+            with gc_paused():
+                return _loads(raw)
         except ValueError as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
 
@@ -519,6 +522,15 @@ class _HTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     app: SGLangCompatibleServer
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        import orjson
+
+        return orjson.loads(raw)
+    except ImportError:  # pragma: no cover - orjson is normally present
+        return json.loads(raw)
 
 
 def _dumps(payload: Any) -> bytes:

@@ -32,6 +32,8 @@ for token `start - 1`, and entry `j >= 1` is the log-prob of token `start - 1 + 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import math
@@ -54,6 +56,34 @@ except ImportError:  # pragma: no cover - orjson is normally present
     orjson = None
 
 _MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic GC while building or reading large JSON answers.
+
+    Decoding one answer creates ~10^5 small lists; in a process holding torch and
+    transformers (~10^6 tracked objects) the collections this triggers cost 5-10x the
+    decoding itself (measured: 14 ms -> 1 ms for a 240 kB answer). The containers made
+    here hold no cycles. Thread-safe: the GC resumes when the last user leaves.
+    """
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 @dataclass
@@ -168,7 +198,8 @@ class SGLangClient:
                 last = f"connection error ({type(e).__name__}: {e})"
             else:
                 if resp.status_code < 400:
-                    return _decode(resp), target
+                    with gc_paused():
+                        return _decode(resp), target
                 message = _error_text(resp)
                 if resp.status_code < 500:
                     raise TeacherError(
@@ -307,21 +338,22 @@ class SGLangClient:
             a, b = index_offset + lo, index_offset + hi - 1
             label = f"scoring request for sequences {a}..{b}"
             answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
-            return [
-                _check_scored(
-                    answer,
-                    url,
-                    label,
-                    j,
-                    hi - lo,
-                    a + j,
-                    seqs[lo + j],
-                    common,
-                    starts_l[lo + j],
-                    top_k,
-                )
-                for j in range(hi - lo)
-            ]
+            with gc_paused():
+                return [
+                    _check_scored(
+                        answer,
+                        url,
+                        label,
+                        j,
+                        hi - lo,
+                        a + j,
+                        seqs[lo + j],
+                        common,
+                        starts_l[lo + j],
+                        top_k,
+                    )
+                    for j in range(hi - lo)
+                ]
 
         return self._map(len(seqs), batch_size, run, progress)
 
@@ -359,9 +391,11 @@ class SGLangClient:
             answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
             if single:
                 answer = [answer]
-            return [
-                _check_generation(answer, url, label, j, lo + j, hi - lo) for j in range(hi - lo)
-            ]
+            with gc_paused():
+                return [
+                    _check_generation(answer, url, label, j, lo + j, hi - lo)
+                    for j in range(hi - lo)
+                ]
 
         return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
 

@@ -21,8 +21,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from megatron_mopd.config import Config
 from megatron_mopd.errors import TeacherError, UserError
 
@@ -90,7 +88,8 @@ def train(cfg: Config) -> dict:
                 run.save(step)
         if cfg.train.eval_interval:
             run.evaluate(cfg.train.max_steps, final=True)
-        run.save(cfg.train.max_steps)
+        if run.saved_step != cfg.train.max_steps:
+            run.save(cfg.train.max_steps)
         return last
     except TeacherError:
         run.save_on_failure()  # a teacher failed mid-run: keep what was trained, then stop
@@ -112,6 +111,3 @@ def is_finite_metrics(metrics: dict) -> bool:
 def default_run_dir(cfg: Config) -> str:
     """`run_dir` as an absolute path."""
     return os.path.abspath(cfg.run_dir)
-
-
-__all__ = ["train", "is_finite_metrics", "default_run_dir", "StepTimer", "torch"]

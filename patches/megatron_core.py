@@ -21,17 +21,19 @@ How the patches work, from the least to the most invasive:
   streams/events are no-ops, and whose tensor factories map `device="cuda"` to the CPU.
   Nothing outside those modules sees the view; the view's attributes are the real torch
   objects (a snapshot of `torch.__dict__`), so the hot path costs nothing. A global
-  `TorchFunctionMode` doing the same cost ~20% of step time; this costs ~0.
+  `TorchFunctionMode` doing the same costs 10-20% of a step (`tools/bench_student.py`
+  measures it); this costs ~0.
 - Small functions with CUDA-only logic are replaced by our own CPU versions (RNG
   tracker, split sizes for all-to-all, uneven gather/scatter under gloo, the torch norm
   under sequence parallelism).
 - `cuda_tensor_names`: a few functions test `param.type() == 'torch.cuda.FloatTensor'`
   or call `tensor.cuda()`; they run inside a context in which `Tensor.type()` names CPU
-  tensors as their CUDA counterparts and `Tensor.cuda()` is the identity.
+  tensors as their CUDA counterparts and `Tensor.cuda()` is the identity (a class-level
+  override for the duration of those calls only; megatron calls them from one thread).
 
-Left out: CUDA graphs, fused kernels (apex/TE), FSDP, inference engines, activation
-offloading, MTP, hybrid context parallelism and checkpoint savers other than
-`dist_checkpointing`'s torch_dist: nothing here calls them on CPU.
+Left out: CUDA graphs, fused kernels (apex/TE), Megatron-FSDP, inference engines,
+activation offloading, MTP, hybrid context parallelism, `tensor_parallel.data` broadcasts:
+this project does not call them on CPU, so they keep their CUDA assumptions.
 """
 
 from __future__ import annotations
@@ -91,29 +93,63 @@ PATCHES: tuple[Patch, ...] = (
             f"{_MC}.{m}:{f}"
             for m, fs in (
                 # module -> the functions in it that use torch.cuda / device="cuda"
-                ("parallel_state", ("initialize_model_parallel",)),
-                ("utils", ("GlobalMemoryBuffer.get_tensor",)),
+                ("parallel_state", ("initialize_model_parallel", "update_pg_timeout")),
+                (
+                    "utils",
+                    (
+                        "GlobalMemoryBuffer.get_tensor",
+                        "local_multi_tensor_l2_norm",
+                        "nvtx_range_push",
+                        "nvtx_range_pop",
+                    ),
+                ),
                 (
                     "tensor_parallel.layers",
                     (
                         "VocabParallelEmbedding.__init__",
                         "ColumnParallelLinear.__init__",
                         "RowParallelLinear.__init__",
-                        "LinearWithGradAccumulationAndAsyncCommunication.forward",
+                        "LinearWithGradAccumulationAndAsyncCommunication.backward",
                     ),
                 ),
-                ("tensor_parallel.mappings", ("_gather_along_last_dim", "_AllToAll.forward")),
-                ("tensor_parallel.utils", ("gather_split_1d_tensor",)),
-                ("transformer.utils", ("get_default_causal_mask",)),
+                (
+                    "tensor_parallel.mappings",
+                    (
+                        "_gather_along_last_dim",
+                        "_gather_along_first_dim",
+                        "_reduce_scatter_along_first_dim",
+                        "_AllToAll.forward",
+                    ),
+                ),
+                (
+                    "tensor_parallel.utils",
+                    (
+                        "split_tensor_into_1d_equal_chunks",
+                        "gather_split_1d_tensor",
+                    ),
+                ),
+                (
+                    "transformer.utils",
+                    (
+                        "get_default_causal_mask",
+                        "get_sliding_window_causal_mask",
+                    ),
+                ),
                 ("transformer.attention", ("Attention._allocate_memory",)),
                 ("transformer.dot_product_attention", ("DotProductAttention.__init__",)),
                 ("transformer.transformer_layer", ("TransformerLayer.get_layer_static_inputs",)),
                 ("transformer.module", ("GraphableMegatronModule.get_layer_static_inputs",)),
-                ("transformer.mlp", ("MLP.forward",)),
-                ("transformer.moe.router", ("Router.__init__", "TopKRouter.__init__")),
+                ("transformer.mlp", ("apply_swiglu_sharded_factory",)),
+                ("transformer.moe.router", ("Router.gating", "TopKRouter.__init__")),
                 ("transformer.moe.experts", ("GroupedMLP.__init__",)),
-                ("transformer.moe.moe_utils", ("save_to_aux_losses_tracker",)),
-                ("transformer.moe.shared_experts", ("SharedExpertMLP.__init__",)),
+                ("transformer.moe.moe_utils", ("track_moe_metrics", "maybe_move_tensor_to_cpu")),
+                (
+                    "transformer.moe.shared_experts",
+                    (
+                        "SharedExpertMLP.__init__",
+                        "SharedExpertMLP.get_output",
+                    ),
+                ),
                 (
                     "transformer.moe.token_dispatcher",
                     (
@@ -122,7 +158,13 @@ PATCHES: tuple[Patch, ...] = (
                     ),
                 ),
                 ("models.gpt.gpt_model", ("GPTModel._preprocess",)),
-                ("models.common.embeddings.rotary_pos_embedding", ("RotaryEmbedding.__init__",)),
+                (
+                    "models.common.embeddings.rotary_pos_embedding",
+                    (
+                        "RotaryEmbedding.__init__",
+                        "RotaryEmbedding.get_emb",
+                    ),
+                ),
                 (
                     "pipeline_parallel.schedules",
                     (
@@ -139,15 +181,53 @@ PATCHES: tuple[Patch, ...] = (
                     ),
                 ),
                 ("distributed.distributed_data_parallel", ("DistributedDataParallel.__init__",)),
-                ("distributed.param_and_grad_buffer", ("_ParamAndGradBuffer.__init__",)),
-                ("optimizer.optimizer", ("MixedPrecisionOptimizer.__init__",)),
+                (
+                    "distributed.param_and_grad_buffer",
+                    (
+                        "_ParamAndGradBucketGroup.start_grad_sync",
+                        "_ParamAndGradBucketGroup.finish_grad_sync",
+                        "_ParamAndGradBuffer.__init__",
+                    ),
+                ),
+                (
+                    "optimizer.optimizer",
+                    (
+                        "MixedPrecisionOptimizer.__init__",
+                        "Float16OptimizerWithFloat16Params.__init__",
+                        "FP32Optimizer.__init__",
+                        "ChainedOptimizer.get_loss_scale",
+                    ),
+                ),
                 (
                     "optimizer.distrib_optimizer",
-                    ("DistributedOptimizer.get_parameter_state_dp_zero",),
+                    (
+                        "DistributedOptimizer.__init__",
+                        "DistributedOptimizer.load_state_dict",
+                        "DistributedOptimizer.get_parameter_state_dp_zero",
+                    ),
                 ),
-                ("optimizer.clip_grads", ("get_grad_norm_fp32", "count_zeros_fp32")),
-                ("optimizer.grad_scaler", ("ConstantGradScaler.__init__",)),
-                ("rerun_state_machine", ("RerunStateMachine.validate_result",)),
+                (
+                    "optimizer.clip_grads",
+                    (
+                        "get_grad_norm_fp32",
+                        "clip_grad_by_total_norm_fp32",
+                        "count_zeros_fp32",
+                    ),
+                ),
+                (
+                    "optimizer.grad_scaler",
+                    (
+                        "MegatronGradScaler.__init__",
+                        "DynamicGradScaler.__init__",
+                    ),
+                ),
+                (
+                    "rerun_state_machine",
+                    (
+                        "RerunStateMachine.validate_result",
+                        "RerunStateMachine._reduce_any",
+                    ),
+                ),
             )
             for f in fs
         ),
@@ -216,51 +296,66 @@ _RECORDED_SIGNATURES: dict[str, str] = {
     "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add": "(self, name, seed)",
     "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.fork": "(self, name='model-parallel-rng')",
     "megatron.core.parallel_state:initialize_model_parallel": "(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_comm_backend=None, use_sharp=False, context_parallel_size=1, hierarchical_context_parallel_sizes=None, hybrid_context_parallel=False, expert_model_parallel_size=1, num_distributed_optimizer_instances=1, expert_tensor_parallel_size=None, nccl_communicator_config_path=None, distributed_timeout_minutes=30, order='tp-cp-ep-dp-pp', get_embedding_ranks=None, get_position_embedding_ranks=None, create_gloo_process_groups=True, high_priority_stream_groups=None, sharp_enabled_group=None, create_all_gather_group=False)",
+    "megatron.core.parallel_state:update_pg_timeout": "(timeout, pg=None)",
     "megatron.core.utils:GlobalMemoryBuffer.get_tensor": "(self, tensor_shape, dtype, name, mem_alloc_context=None)",
+    "megatron.core.utils:local_multi_tensor_l2_norm": "(chunk_size, noop_flag, tensor_lists, per_tensor, *args)",
+    "megatron.core.utils:nvtx_range_push": "(msg=None, suffix=None)",
+    "megatron.core.utils:nvtx_range_pop": "(msg=None, suffix=None)",
     "megatron.core.tensor_parallel.layers:VocabParallelEmbedding.__init__": "(self, num_embeddings, embedding_dim, *, init_method, reduce_scatter_embeddings=False, config, tp_group=None)",
     "megatron.core.tensor_parallel.layers:ColumnParallelLinear.__init__": "(self, input_size, output_size, *, config, init_method, bias=True, gather_output=False, stride=1, keep_master_weight_for_test=False, skip_bias_add=False, skip_weight_param_allocation=False, embedding_activation_buffer=None, grad_output_buffer=None, is_expert=False, tp_comm_buffer_name=None, disable_grad_reduce=False, tp_group=None)",
     "megatron.core.tensor_parallel.layers:RowParallelLinear.__init__": "(self, input_size, output_size, *, config, init_method, bias, input_is_parallel, skip_bias_add, stride=1, keep_master_weight_for_test=False, is_expert=False, tp_comm_buffer_name=None, tp_group=None)",
-    "megatron.core.tensor_parallel.layers:LinearWithGradAccumulationAndAsyncCommunication.forward": "(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, grad_output_buffer, wgrad_deferral_limit, tp_group)",
+    "megatron.core.tensor_parallel.layers:LinearWithGradAccumulationAndAsyncCommunication.backward": "(ctx, grad_output)",
     "megatron.core.tensor_parallel.mappings:_gather_along_last_dim": "(input_, group)",
+    "megatron.core.tensor_parallel.mappings:_gather_along_first_dim": "(input_, group, output_split_sizes=None, use_global_buffer=False)",
+    "megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim": "(input_, group, input_split_sizes=None, use_global_buffer=False)",
     "megatron.core.tensor_parallel.mappings:_AllToAll.forward": "(ctx, group, input, output_split_sizes, input_split_sizes)",
+    "megatron.core.tensor_parallel.utils:split_tensor_into_1d_equal_chunks": "(tensor, new_buffer=False, tp_group=None)",
     "megatron.core.tensor_parallel.utils:gather_split_1d_tensor": "(tensor, tp_group=None)",
     "megatron.core.transformer.utils:get_default_causal_mask": "(sq)",
+    "megatron.core.transformer.utils:get_sliding_window_causal_mask": "(sq, skv, window_size)",
     "megatron.core.transformer.attention:Attention._allocate_memory": "(self, inference_max_sequence_length, batch_size, dim, dtype)",
     "megatron.core.transformer.dot_product_attention:DotProductAttention.__init__": "(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None)",
     "megatron.core.transformer.transformer_layer:TransformerLayer.get_layer_static_inputs": "(self, seq_length, micro_batch_size)",
     "megatron.core.transformer.module:GraphableMegatronModule.get_layer_static_inputs": "(self, seq_length, micro_batch_size)",
-    "megatron.core.transformer.mlp:MLP.forward": "(self, hidden_states, per_token_scale=None, **kwargs)",
-    "megatron.core.transformer.moe.router:Router.__init__": "(self, config, pg_collection=None)",
+    "megatron.core.transformer.mlp:apply_swiglu_sharded_factory": "(original_sh_ten, sharded_offsets, singleton_local_shards=False)",
+    "megatron.core.transformer.moe.router:Router.gating": "(self, input)",
     "megatron.core.transformer.moe.router:TopKRouter.__init__": "(self, config, pg_collection=None)",
     "megatron.core.transformer.moe.experts:GroupedMLP.__init__": "(self, num_local_experts, config, pg_collection=None)",
-    "megatron.core.transformer.moe.moe_utils:save_to_aux_losses_tracker": "(name, loss, layer_number, num_layers, reduce_group=None, avg_group=None, reduce_group_has_dp=False)",
+    "megatron.core.transformer.moe.moe_utils:track_moe_metrics": "(loss_scale, iteration, writer=None, wandb_writer=None, total_loss_dict=None, per_layer_logging=False, force_initialize=False, track_names=None, num_layers=None, moe_layer_freq=None, mtp_num_layers=None, pg_collection=None)",
+    "megatron.core.transformer.moe.moe_utils:maybe_move_tensor_to_cpu": "(tensor, as_numpy=False, record_stream=False)",
     "megatron.core.transformer.moe.shared_experts:SharedExpertMLP.__init__": "(self, config, submodules, gate, pg_collection=None)",
+    "megatron.core.transformer.moe.shared_experts:SharedExpertMLP.get_output": "(self)",
     "megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher.__init__": "(self, num_local_experts, local_expert_indices, config, pg_collection=None)",
     "megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize": "(self, point, tokens_per_expert=None)",
     "megatron.core.models.gpt.gpt_model:GPTModel._preprocess": "(self, input_ids, position_ids, decoder_input=None, inference_context=None, packed_seq_params=None, padding_mask=None)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding.__init__": "(self, kv_channels, rotary_percent, rotary_interleaved=False, seq_len_interpolation_factor=None, rotary_base=10000, rope_scaling=False, rope_scaling_factor=8.0, use_cpu_initialization=False, cp_group=None)",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding.get_emb": "(self, max_seq_len, offset=0)",
     "megatron.core.pipeline_parallel.schedules:forward_backward_no_pipelining": "(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, decoder_seq_length=None, forward_only=False, collect_non_loss_data=False, first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None, force_all_reduce=False)",
     "megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_without_interleaving": "(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, decoder_seq_length=None, forward_only=False, collect_non_loss_data=False, first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None, force_all_reduce=False)",
     "megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_with_interleaving": "(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, decoder_seq_length=None, forward_only=False, collect_non_loss_data=False, first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None, force_all_reduce=False)",
     "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate_shapes": "(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next)",
     "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate": "(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next, tensor_shape, wait_on_reqs=True)",
     "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.__init__": "(self, config, ddp_config, module, disable_bucketing=False, pg_collection=None)",
+    "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync": "(self, force_all_reduce=False)",
+    "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.finish_grad_sync": "(self, force_all_reduce=False)",
     "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__": "(self, ddp_config, param_dtype, grad_dtype, params, data_parallel_group, bucket_size, param_to_name, gradient_scaling_factor, param_indices, nccl_ub, pg_collection=None)",
     "megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.__init__": "(self, optimizer, config, grad_scaler, init_state_fn)",
+    "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__": "(self, optimizer, config, grad_scaler, init_state_fn)",
+    "megatron.core.optimizer.optimizer:FP32Optimizer.__init__": "(self, optimizer, config, init_state_fn)",
+    "megatron.core.optimizer.optimizer:ChainedOptimizer.get_loss_scale": "(self)",
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": "(self, optimizer, config, grad_scaler, init_state_fn, model_chunks, per_model_buffers, data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id)",
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict": "(self, state_dict)",
     "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.get_parameter_state_dp_zero": "(self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False)",
     "megatron.core.optimizer.clip_grads:get_grad_norm_fp32": "(grads_for_norm, norm_type=2, grad_stats_parallel_group=None)",
+    "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32": "(parameters, max_norm, total_norm, use_decoupled_grad=False)",
     "megatron.core.optimizer.clip_grads:count_zeros_fp32": "(parameters, grad_stats_parallel_group, use_decoupled_grad=False, tp_group=None)",
-    "megatron.core.optimizer.grad_scaler:ConstantGradScaler.__init__": "(self, initial_scale)",
+    "megatron.core.optimizer.grad_scaler:MegatronGradScaler.__init__": "(self, initial_scale)",
+    "megatron.core.optimizer.grad_scaler:DynamicGradScaler.__init__": "(self, initial_scale, min_scale, growth_factor, backoff_factor, growth_interval, hysteresis)",
     "megatron.core.rerun_state_machine:RerunStateMachine.validate_result": "(self, result, rejection_func, message, comparison_func=None, tolerance=0.0, fatal=True)",
-    "megatron.core.transformer.moe.moe_utils:maybe_move_tensor_to_cpu": "(tensor, as_numpy=False, record_stream=False)",
-    "megatron.core.tensor_parallel.mappings:_gather_along_first_dim": "(input_, group, output_split_sizes=None, use_global_buffer=False)",
-    "megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim": "(input_, group, input_split_sizes=None, use_global_buffer=False)",
+    "megatron.core.rerun_state_machine:RerunStateMachine._reduce_any": "(self, value)",
     "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__": "(cls, config, hidden_size, eps=1e-05, persist_layer_norm=False, zero_centered_gamma=False, normalization='LayerNorm')",
     "megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward": "(ctx, inp, weight, bias, router_dtype)",
-    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": "(self, optimizer, config, grad_scaler, init_state_fn, model_chunks, per_model_buffers, data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id)",
     "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups": "(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)",
-    "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__": "(self, optimizer, config, grad_scaler, init_state_fn)",
-    "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32": "(parameters, max_norm, total_norm, use_decoupled_grad=False)",
     "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer": "(self)",
 }
 

@@ -235,12 +235,15 @@ def _load_param(
     pm = map_parameter(name, layout, cfg)
     rows = param.shape[0] if pm.vocab else None
     pieces = [_read_shard(ckpt, pm, n, rows) for n in pm.hf_names]
-    value = to_megatron(pm, pieces, cfg)
-    if tuple(value.shape) != tuple(param.shape):
+    try:
+        value = to_megatron(pm, pieces, cfg)
+    except RuntimeError:  # pieces that cannot be interleaved or concatenated
+        value = None
+    if value is None or tuple(value.shape) != tuple(param.shape):
+        shapes = ", ".join(f"{n} {tuple(ckpt.shape(n))}" for n in pm.hf_names)
         raise UserError(
-            f"{ckpt.dir}: {', '.join(pm.hf_names)} give shape {tuple(value.shape)} for Megatron "
-            f"parameter {name} of shape {tuple(param.shape)}; the checkpoint does not match "
-            "its config.json"
+            f"{ckpt.dir}: {shapes} do not fit Megatron parameter {name} of local shape "
+            f"{tuple(param.shape)}; the checkpoint does not match its config.json"
         )
     param.data.copy_(value)
     used.update(pm.hf_names)

@@ -163,8 +163,10 @@ def make_micro_batches(
                 mask[b, 1 : lengths[b]] = 1.0
             else:
                 if len(loss_masks[i]) != lengths[b]:
-                    raise ValueError(f"loss_masks[{i}] has {len(loss_masks[i])} values, "
-                                     f"sequence {i} has {lengths[b]} tokens")
+                    raise ValueError(
+                        f"loss_masks[{i}] has {len(loss_masks[i])} values, "
+                        f"sequence {i} has {lengths[b]} tokens"
+                    )
                 mask[b, : lengths[b]] = torch.as_tensor(list(loss_masks[i]), dtype=torch.float)
         extra = {}
         for key, values in (data or {}).items():
@@ -239,6 +241,12 @@ def run_schedule(
     if not micro_batches:
         return []
     config = unwrap_model(model_chunks[0]).config
+    tp = config.tensor_model_parallel_size
+    if config.sequence_parallel and any(mb.tokens_B_T.shape[1] % tp for mb in micro_batches):
+        raise ValueError(
+            f"sequence parallelism splits the token axis over TP={tp}: build the micro-batches "
+            f"with make_micro_batches(..., pad_to_multiple_of={tp})"
+        )
     if not config.variable_seq_lengths:
         micro_batches = pad_to_common_shape(micro_batches)
     device = next(unwrap_model(model_chunks[0]).parameters()).device

@@ -235,23 +235,27 @@ def build_model(
 # layout-independent initialisation
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
-_EXPERT = re.compile(r"(\.local_experts\.)(\d+)\.")
+_EXPERT = re.compile(r"(\.local_experts\.)(\d+)\.")  # local spec: one module per expert
+_GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.weight)(\d+)$")  # TE grouped GEMM
 
 
 def global_param_name(name: str, model: Any, model_cfg: ModelConfig) -> str:
     """The name of a local parameter in the unsharded TP1/PP1/EP1 model: layer numbers
     offset by this PP stage's first layer, expert numbers by this EP rank's first expert.
     (`name` without the DDP `module.` prefix.)"""
-    from megatron.core import parallel_state as ps
-
-    if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
+    if name == "output_layer.weight" and getattr(
+        model, "share_embeddings_and_output_weights", False
+    ):
         return "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
     offset = _first_layer(model)
     name = _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", name, count=1)
-    if model_cfg.is_moe and ".local_experts." in name:
+    if model_cfg.is_moe and is_expert_param(name):
+        from megatron.core import parallel_state as ps
+
         per_rank = model_cfg.num_moe_experts // ps.get_expert_model_parallel_world_size()
         first = ps.get_expert_model_parallel_rank() * per_rank
         name = _EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + first}.", name, count=1)
+        name = _GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + first}", name)
     return name
 
 
@@ -272,7 +276,10 @@ def param_shard_info(
     if not getattr(param, "tensor_model_parallel", False):
         return None, 1, 1, 0
     if is_expert:
-        world, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        world, rank = (
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_rank(),
+        )
     else:
         world, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     return param.partition_dim, getattr(param, "partition_stride", 1), world, rank
@@ -303,6 +310,8 @@ def init_parameters(model_chunks: list[Any], model_cfg: ModelConfig, seed: int) 
                     param.fill_(1.0)
                     continue
                 dim, stride, world, rank = param_shard_info(param, is_expert_param(name))
+                if ".linear_fc1." in gname and dim is not None:
+                    stride = 2  # SwiGLU: each TP rank holds [gate_r; up_r] (whatever TE records)
                 shape = list(param.shape)
                 if dim is not None:
                     shape[dim] *= world

@@ -217,7 +217,7 @@ def topk_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group: Any) -> torch.
     ids = torch.cat([tokens.unsqueeze(-1), top], dim=-1)
     # logits[:, t] predicts token t + 1: gather position t + 1's ids at t (last: unused)
     ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    logprobs = vocab_parallel_gather_logprobs(logits, ids, tp_group, inplace_backward=True)
+    logprobs = vocab_parallel_gather_logprobs(logits, ids, tp_group, inplace=True)
     return F.pad(logprobs[:, :-1], (0, 0, 1, 0))
 
 

@@ -235,8 +235,11 @@ def _reduce_stored(stored: list[dict[str, float]], pgs: Any) -> dict[str, Any]:
         keys = sorted({k for d in stored for k in d})
         sums = torch.tensor([sum(d.get(k, 0.0) for d in stored) for k in keys], dtype=torch.float64)
         if dist.get_world_size(pgs.dp) > 1 and keys:
-            device = torch.device("cuda", torch.cuda.current_device()) if (
-                dist.get_backend(pgs.dp) == "nccl") else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if (dist.get_backend(pgs.dp) == "nccl")
+                else torch.device("cpu")
+            )
             sums = sums.to(device)
             dist.all_reduce(sums, group=pgs.dp)
         payload = [dict(zip(keys, sums.cpu().tolist()))]

@@ -49,28 +49,38 @@ class TaskSpec:
     `add`: operands with `min_size`..`max_size` digits (the digit count of each operand is
     drawn uniformly, then the value uniformly among numbers with that many digits; one-digit
     operands include 0). `reverse`: lowercase strings of `min_size`..`max_size` letters.
+    `max_answer_len` keeps only the examples whose answer has at most that many characters
+    (e.g. `add` 2..2 with `max_answer_len=2`: sums below 100, an easier distribution).
     """
 
     domain: str
     min_size: int
     max_size: int
+    max_answer_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of {DOMAINS}")
         if not 1 <= self.min_size <= self.max_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}..{self.max_size}")
+        if self.max_answer_len is not None and self.max_answer_len < 1:
+            raise ValueError(f"max_answer_len={self.max_answer_len} must be >= 1")
 
     @property
     def max_answer_tokens(self) -> int:
         """The longest response in tokens, EOS included."""
-        if self.domain == "add":
-            return self.max_size + 1 + 1
-        return self.max_size + 1
+        longest = self.max_size + 1 if self.domain == "add" else self.max_size
+        if self.max_answer_len is not None:
+            longest = min(longest, self.max_answer_len)
+        return longest + 1
+
+    def accepts(self, ex: Example) -> bool:
+        """True when `ex` belongs to this distribution's filter (`max_answer_len`)."""
+        return self.max_answer_len is None or len(ex.answer) <= self.max_answer_len
 
 
 # The demo's target distributions (teachers and evaluation).
-DEFAULT_SPECS = {"add": TaskSpec("add", 2, 3), "reverse": TaskSpec("reverse", 3, 5)}
+DEFAULT_SPECS = {"add": TaskSpec("add", 2, 2), "reverse": TaskSpec("reverse", 3, 6)}
 
 
 def make_example(domain: str, rng: random.Random, spec: TaskSpec) -> Example:
@@ -105,12 +115,13 @@ def generate(spec: TaskSpec, n: int, split: str, seed: int = 0) -> list[Example]
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     rng = random.Random(f"{spec.domain}:{spec.min_size}:{spec.max_size}:{split}:{seed}")
+    # (the filter does not enter the seed: a filtered set is a subsequence of the full one)
     seen: set[str] = set()
     out: list[Example] = []
     misses = 0
     while len(out) < n:
         ex = make_example(spec.domain, rng, spec)
-        if ex.prompt in seen or split_of(ex.prompt) != split:
+        if ex.prompt in seen or split_of(ex.prompt) != split or not spec.accepts(ex):
             misses += 1
             if misses > 10_000 + 100 * n:
                 raise ValueError(f"{spec} has fewer than {n} distinct {split} examples")

@@ -85,6 +85,16 @@ def sequence_mean_loss(num_global_sequences: int):
     return loss_fn
 
 
+def _poisoned(loss_fn):
+    """The same loss with a NaN gradient (to test skipped steps)."""
+
+    def poisoned(logprobs_B_T, mb):
+        loss, metrics = loss_fn(logprobs_B_T, mb)
+        return loss * float("nan"), metrics
+
+    return poisoned
+
+
 def run_case(case: dict) -> dict:
     from megatron_mopd.student.logprobs import forward_logprobs, make_micro_batches
     from megatron_mopd.student.model import build_model
@@ -106,14 +116,16 @@ def run_case(case: dict) -> dict:
     chunks = build_model(model, parallel)
     before = forward_logprobs(chunks, seqs, micro_batch_size=3)
     chunks = wrap_ddp(chunks, parallel)
-    optimizer, scheduler = build_optimizer(
-        chunks, TrainConfig(lr=1e-2, lr_warmup_steps=0, clip_grad=1.0, max_steps=10), parallel
-    )
+    train = TrainConfig(lr=1e-2, lr_warmup_steps=case.get("warmup", 0), clip_grad=1.0, max_steps=10)
+    optimizer, scheduler = build_optimizer(chunks, train, parallel)
     share = len(seqs) // layout.dp
     mine = seqs[layout.dp_rank * share : (layout.dp_rank + 1) * share]
     batches = make_micro_batches(mine, MICRO_BATCH_SIZE, pad_to_multiple_of=layout.tp)
     step_start = time.perf_counter()
-    out = train_step(chunks, optimizer, batches, sequence_mean_loss(len(seqs)), scheduler=scheduler)
+    loss_fn = sequence_mean_loss(len(seqs))
+    if case.get("nan") == "all" or (case.get("nan") == "rank0" and layout.rank == 0):
+        loss_fn = _poisoned(loss_fn)
+    out = train_step(chunks, optimizer, batches, loss_fn, scheduler=scheduler)
     step_seconds = time.perf_counter() - step_start
     after = forward_logprobs(chunks, seqs, micro_batch_size=3)
     distributed.destroy(keep_process_group=True)
@@ -121,6 +133,7 @@ def run_case(case: dict) -> dict:
         "loss": out["loss"],
         "grad_norm": out["grad_norm"],
         "skipped": out["skipped"],
+        "lr": out["lr"],
         "sequences": out.get("sequences"),
         "micro_batches": len(batches),
         "logprobs_before": torch.cat(before),

@@ -1,0 +1,222 @@
+"""The student's training state (model, optimizer, LR schedule) as one dist_checkpointing
+folder that resumes at another parallel layout.
+
+    save_training_state(chunks, optimizer, scheduler, "ckpt/step_00000020/mcore")
+    ...  # later, possibly at another TP/PP/EP/DP layout
+    load_training_state(chunks, optimizer, scheduler, "ckpt/step_00000020/mcore")
+
+Collective: every rank calls both. The folder holds (megatron-core torch_dist format):
+
+- the model: `model.sharded_state_dict()`, keyed by megatron-core's global tensor names (the
+  same keys as `convert.mcore` checkpoints, so `load_mcore_checkpoint` and
+  `mopd convert mcore-to-hf` read the model part of a training checkpoint too);
+- the optimizer: Adam's moments (and fp32 main parameters with bf16/fp16 models) in model
+  space. With the distributed optimizer they are saved `fully_reshardable` (gathered over DP
+  at save, each rank reading its slice at load), the one distributed-optimizer format that
+  reshards over TP/PP/EP as well as DP; without it, per-parameter tensors of the model's
+  shapes, which reshard natively;
+- the LR scheduler's state and a small description, as common (rank-0) state.
+
+torch's Adam (used when neither Apex nor Transformer Engine is installed, e.g. on CPU) keeps a
+per-parameter `step` tensor that megatron's distributed optimizer expects to exist: it is
+created (as a fresh optimizer would) before saving or loading an optimizer that has not
+stepped yet, and the loaded step is the checkpoint's.
+
+What is *not* here, because the run-level checkpoint (`run.py` with `checkpoint.py`) saves it
+beside this folder: the step counter, RNG states, data position, rollout weight version.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from megatron_mopd.errors import UserError
+
+STATE_VERSION = 1
+# how the optimizer is saved: reshardable across every parallel dimension
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def sharding_metadata() -> dict[str, Any]:
+    """`SHARDING_METADATA`, plus, without CUDA, the memory-efficient variant of
+    `fully_reshardable` (gathers over DP with gloo to DP rank 0; the default all-gathers
+    with `.cuda()` tensors). Both variants write interchangeable checkpoints."""
+    meta = dict(SHARDING_METADATA)
+    if not torch.cuda.is_available():
+        meta["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return meta
+
+
+def _megatron_optimizers(optimizer: Any) -> list[Any]:
+    """The megatron optimizers inside a (possibly chained) optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _uses_distributed_optimizer(optimizer: Any) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in _megatron_optimizers(optimizer))
+
+
+def ensure_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter of a not-yet-stepped optimizer the state a first step would
+    create (zero moments, step 0), which megatron's checkpointing expects to exist.
+
+    Equivalent to a fresh optimizer: torch's Adam starts from exactly these values.
+    """
+    for opt in _megatron_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        init = getattr(opt, "init_state_fn", None)
+        if init is not None and any(
+            len(inner.state[p]) == 0 for g in inner.param_groups for p in g["params"]
+        ):
+            init(inner, getattr(opt, "config", None))
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if state and "step" not in state:
+                        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+def load_optimizer_state(optimizer: Any, state_dict: Any) -> None:
+    """`optimizer.load_state_dict` for a loaded (possibly chained) optimizer state, working
+    around megatron-core 0.16.1 with torch's Adam: the distributed optimizer's
+    `load_parameter_state_from_fully_reshardable` copies every entry of the torch state,
+    including the `step` its own `load_state_dict` just set, from a checkpoint that has none
+    (KeyError 'step'). The per-parameter steps are set aside while the parameter state loads.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = _megatron_optimizers(optimizer)
+    if len(optimizers) == 1:
+        parts = [state_dict]
+    else:
+        if len(state_dict) != len(optimizers):
+            raise UserError(
+                f"the checkpoint holds {len(state_dict)} optimizer(s), this model has "
+                f"{len(optimizers)}; was it saved for another model?"
+            )
+        parts = [v for _, v in sorted(state_dict.items())]
+    for opt, part in zip(optimizers, parts):
+        if not isinstance(opt, DistributedOptimizer) or "param_state" not in part:
+            opt.load_state_dict(part)
+            continue
+        part = dict(part)
+        param_state = part.pop("param_state")
+        sharding_type = part.pop("param_state_sharding_type")
+        if sharding_type != "fully_reshardable":
+            raise UserError(f"optimizer state saved as {sharding_type!r}, not fully_reshardable")
+        opt.load_state_dict(part)  # param groups, step, grad scaler; allocates the state
+        inner = opt.optimizer
+        steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner.state[p]["step"] = step
+    if hasattr(optimizer, "_synchronize_steps") and len(optimizers) > 1:
+        optimizer._synchronize_steps()
+
+
+def training_sharded_state_dict(
+    model_chunks: list[Any], optimizer: Any, scheduler: Any, is_loading: bool
+) -> dict[str, Any]:
+    """The sharded state dict saved by `save_training_state` (model, optimizer, scheduler)."""
+    from megatron_mopd.convert.mcore import model_sharded_state_dict
+
+    state: dict[str, Any] = model_sharded_state_dict(model_chunks)
+    model_part = dict(state)
+    state["mopd_state"] = {
+        "version": STATE_VERSION,
+        "optimizer": optimizer is not None,
+        "scheduler": scheduler is not None,
+    }
+    if optimizer is not None:
+        ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_part, is_loading=is_loading, metadata=sharding_metadata()
+        )
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save_training_state(
+    model_chunks: list[Any], optimizer: Any, scheduler: Any, out_dir: str | os.PathLike
+) -> None:
+    """Save model, optimizer and LR scheduler to `out_dir` (collective; every rank calls it).
+
+    `out_dir` must be empty or absent; the run-level checkpoint manager publishes the
+    enclosing folder atomically (`checkpoint.CheckpointManager.save`). `optimizer` and
+    `scheduler` may be None (model only).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_mopd.convert.mcore import cpu_dist_checkpointing
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
+    with cpu_dist_checkpointing():
+        dist_checkpointing.save(state, out_dir)
+
+
+def load_training_state(
+    model_chunks: list[Any], optimizer: Any, scheduler: Any, in_dir: str | os.PathLike
+) -> None:
+    """Load what `save_training_state` wrote into freshly built chunks/optimizer/scheduler,
+    at any layout (collective). The optimizer and scheduler are loaded only when given.
+
+    The scheduler must be configured as when it was saved (peak and minimum LR, warmup,
+    decay): a difference raises `UserError`; its step count is the checkpoint's.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megatron_mopd.convert.mcore import cpu_dist_checkpointing, load_model_state
+
+    in_dir = os.fspath(in_dir)
+    if not os.path.isfile(os.path.join(in_dir, "metadata.json")):
+        raise UserError(
+            f"training checkpoint {in_dir}: no metadata.json (missing or partial checkpoint)"
+        )
+    common = dist_checkpointing.load_common_state_dict(in_dir)
+    info = common.get("mopd_state") or {}
+    if info.get("version") != STATE_VERSION:
+        raise UserError(
+            f"training checkpoint {in_dir}: not a megatron_mopd training state "
+            f"(version {info.get('version')!r}, expected {STATE_VERSION})"
+        )
+    if optimizer is not None and not info.get("optimizer"):
+        raise UserError(f"training checkpoint {in_dir}: saved without optimizer state")
+    if scheduler is not None and not info.get("scheduler"):
+        raise UserError(f"training checkpoint {in_dir}: saved without LR scheduler state")
+
+    state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=True)
+    try:
+        with cpu_dist_checkpointing():
+            loaded = dist_checkpointing.load(state, in_dir)
+    except CheckpointingException as e:
+        msg = str(e).replace("\n", " ")[:500]
+        raise UserError(f"training checkpoint {in_dir}: does not fit this model: {msg}") from None
+    load_model_state(model_chunks, loaded)
+    if optimizer is not None:
+        load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.num_steps = 0  # load_state_dict steps forward by the saved count
+        try:
+            scheduler.load_state_dict(loaded["scheduler"])
+        except AssertionError as e:
+            raise UserError(
+                f"training checkpoint {in_dir}: the LR schedule differs from the saved one ({e}); "
+                "resume with the same train.lr / min_lr / lr_warmup_steps / max_steps"
+            ) from None

@@ -1,0 +1,148 @@
+"""Worker: save the student's training state at one layout, resume it at others.
+
+    torchrun --standalone --nproc-per-node 2 tests/workers/train_state_cases.py \
+        --out DIR --ckpt CKPT_DIR --cases '[{"name": "save", "tp": 2, "save": true}, ...]'
+
+Every case builds the tiny MoE student (Qwen3-MoE-like, 4 experts) at its layout with the
+distributed optimizer, an LR schedule with warmup and cosine decay, and runs train steps on
+fixed global batches (each DP rank its share; the loss scales every sequence by
+1 / global number of sequences, so the summed loss is layout independent).
+
+- A case with `"save": true` runs `SAVE_AFTER` steps, saves the training state to
+  `CKPT_DIR`, then runs `RESUMED_STEPS` more (the reference).
+- The other cases build the model from a *different* random seed, load the state from
+  `CKPT_DIR` and run the same `RESUMED_STEPS` steps.
+
+Each rank saves `{case name: {"losses": [...], "lrs": [...], ...}}`. The second resumed step
+depends on the optimizer's loaded moments and step count, not only on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from multirank import save_result  # noqa: E402
+
+from megatron_mopd import distributed  # noqa: E402
+from megatron_mopd.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+
+MODEL = ModelConfig(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=16,
+    vocab_size=128,
+    qk_layernorm=True,
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=32,
+    init_method_std=0.05,
+    seed=7,
+)
+TRAIN = TrainConfig(
+    lr=3e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_style="cosine", max_steps=8, clip_grad=1.0
+)
+SAVE_AFTER = 2
+RESUMED_STEPS = 2
+NUM_SEQUENCES = 8
+MICRO_BATCH_SIZE = 2
+
+
+def global_batch(step: int) -> list[list[int]]:
+    """The fixed global batch of `step` (uneven lengths)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    lengths = torch.randint(5, 17, (NUM_SEQUENCES,), generator=gen).tolist()
+    return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]
+
+
+def sequence_mean_loss(num_global_sequences: int):
+    def loss_fn(logprobs_B_T, mb):
+        mask = mb.loss_mask_B_T.to(logprobs_B_T.dtype)
+        per_seq = -(mask * logprobs_B_T).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / num_global_sequences, {}
+
+    return loss_fn
+
+
+def run_case(case: dict, ckpt_dir: str) -> dict:
+    from dataclasses import replace
+
+    from megatron_mopd.student.logprobs import make_micro_batches
+    from megatron_mopd.student.model import build_model
+    from megatron_mopd.student.state import load_training_state, save_training_state
+    from megatron_mopd.student.train_step import build_optimizer, train_step, wrap_ddp
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=case.get("tp", 1),
+        pipeline_model_parallel_size=case.get("pp", 1),
+        expert_model_parallel_size=case.get("ep", 1),
+        expert_tensor_parallel_size=case.get("etp"),
+        use_distributed_optimizer=case.get("distopt", True),
+    )
+    start = time.perf_counter()
+    saving = bool(case.get("save"))
+    model_cfg = MODEL if saving else replace(MODEL, seed=MODEL.seed + 1)
+    layout = distributed.init_distributed(parallel, model_cfg, seed=0)
+    chunks = wrap_ddp(build_model(model_cfg, parallel), parallel)
+    optimizer, scheduler = build_optimizer(chunks, TRAIN, parallel)
+
+    def step(k: int) -> dict:
+        seqs = global_batch(k)
+        share = len(seqs) // layout.dp
+        mine = seqs[layout.dp_rank * share : (layout.dp_rank + 1) * share]
+        batches = make_micro_batches(mine, MICRO_BATCH_SIZE, pad_to_multiple_of=layout.tp)
+        return train_step(chunks, optimizer, batches, sequence_mean_loss(len(seqs)), scheduler=scheduler)
+
+    before: list[float] = []
+    if saving:
+        before = [step(k)["loss"] for k in range(SAVE_AFTER)]
+        save_start = time.perf_counter()
+        save_training_state(chunks, optimizer, scheduler, ckpt_dir)
+        io_seconds = time.perf_counter() - save_start
+    else:
+        load_start = time.perf_counter()
+        load_training_state(chunks, optimizer, scheduler, ckpt_dir)
+        io_seconds = time.perf_counter() - load_start
+    lr_at_resume = float(optimizer.param_groups[0]["lr"])
+    outs = [step(SAVE_AFTER + k) for k in range(RESUMED_STEPS)]
+    distributed.destroy(keep_process_group=True)
+    return {
+        "before": before,
+        "losses": [o["loss"] for o in outs],
+        "grad_norms": [o["grad_norm"] for o in outs],
+        "lrs": [o["lr"] for o in outs],
+        "lr_at_resume": lr_at_resume,
+        "scheduler_steps": scheduler.num_steps,
+        "layout": (layout.tp, layout.pp, layout.ep, layout.etp, layout.dp),
+        "io_seconds": io_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--cases", required=True, help="JSON list of case dicts")
+    args = parser.parse_args()
+    torch.distributed.init_process_group("gloo")
+    results = {}
+    for case in json.loads(args.cases):
+        results[case["name"]] = run_case(case, args.ckpt)
+        torch.distributed.barrier()
+    save_result(args.out, torch.distributed.get_rank(), results)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
