@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from megatron_mopd.errors import UserError
+from megatron_mopd.errors import ConfigError, UserError
 
 # verb -> (module under megatron_mopd.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"megatron_mopd.commands.{args._module}")
         code = module.run(args)
     except UserError as e:
-        print(f"mopd {args.verb}: error: {e}", file=sys.stderr, flush=True)
+        # under torchrun every rank usually hits the same user error: say it once
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not isinstance(e, ConfigError):
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}mopd {args.verb}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"mopd {args.verb}: interrupted", file=sys.stderr)

@@ -370,6 +370,7 @@ class Run:
                 state = json.load(f)
             self.data.sampler.load_state(state["sampler"])
             self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
+            self.saved_step = step
             rank_file = os.path.join(info.path, f"rank_{self.env.rank:05d}.pt")
             if os.path.exists(rank_file):  # absent when resuming at another world size
                 set_rng_state(torch.load(rank_file, weights_only=False)["rng"])

@@ -45,6 +45,7 @@ to a forward pass. Fault injection for tests lives in the tests (a flaky proxy),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -304,13 +305,21 @@ def _parse_sampling(sp: dict, index: int | None) -> tuple[SamplingParams, list[s
 
 
 class Batcher:
-    """Collects concurrent /generate jobs for a few ms and runs them as one engine batch."""
+    """Runs concurrent /generate jobs together as one engine batch.
+
+    Handlers announce themselves with `admitted()` as soon as a request arrives (before
+    parsing it). After taking a job, the worker waits up to `batch_wait_ms` for more
+    only while other admitted requests have not reached the queue yet, so a lone request
+    runs at once and concurrent ones share a forward pass.
+    """
 
     def __init__(self, engine, batch_wait_ms: float = 5.0, max_batch_tokens: int = 16384):
         self.engine = engine
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch_tokens = max_batch_tokens
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="mopd-batcher", daemon=True)
         self._thread.start()
 
@@ -322,6 +331,17 @@ class Batcher:
             raise TimeoutError("the batch did not finish in time")
         if job.error is not None:
             raise job.error
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """Count a request from its arrival until its answer is ready."""
+        with self._admitted_lock:
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admitted_lock:
+                self._admitted -= 1
 
     def stop(self) -> None:
         """Finish the current batch and stop the worker thread."""
@@ -337,6 +357,8 @@ class Batcher:
             deadline = time.monotonic() + self.batch_wait
             stop = False
             while tokens < self.max_batch_tokens:
+                if self._admitted <= len(jobs) and self._queue.empty():
+                    break  # nobody else is on the way
                 left = deadline - time.monotonic()
                 try:
                     nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
@@ -479,9 +501,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         app = self.server.app
         path = self.path.split("?", 1)[0]
+        batcher = app.batcher if path == "/generate" else None
         try:
-            body = self._read_body() if method == "POST" else None
-            status, payload = app.handle(method, path, body)
+            # admitted before the body is read, so the batcher knows it is coming
+            with batcher.admitted() if batcher is not None else contextlib.nullcontext():
+                body = self._read_body() if method == "POST" else None
+                status, payload = app.handle(method, path, body)
         except BadRequest as e:
             status, payload = 400, {"error": {"message": str(e), "code": 400}}
         except Exception as e:  # noqa: BLE001 - a bug must still answer the client
@@ -668,7 +693,8 @@ class SGLangCompatibleServer:
             rid="health_generate",
         )
         try:
-            self.batcher.run([item], timeout=60)
+            with self.batcher.admitted():
+                self.batcher.run([item], timeout=60)
         except Exception as e:  # noqa: BLE001 - unhealthy, not a crash
             return 503, {"error": {"message": f"health generation failed: {e}"}}
         return 200, ""

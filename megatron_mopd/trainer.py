@@ -52,7 +52,12 @@ def train(cfg: Config) -> dict:
     from megatron_mopd import distributed
     from megatron_mopd.run import Run
 
-    env = distributed.init_distributed(cfg.parallel, cfg.model, seed=cfg.train.seed)
+    from megatron_mopd.student.load import resolve_model_config
+
+    # the real architecture (read from model.hf_path) is checked against the layout
+    # before any process group exists
+    model_cfg = resolve_model_config(cfg.model, cfg.parallel)
+    env = distributed.init_distributed(cfg.parallel, model_cfg, seed=cfg.train.seed)
     run = Run.create(cfg, env)  # student, data, teachers, rollout engine, logger, checkpoints
     try:
         start = run.resume_or_start()  # loads the newest checkpoint, syncs weights to the engine

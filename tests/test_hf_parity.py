@@ -8,7 +8,8 @@ compared with HF's fp32 forward (tolerance 1e-5). Several layouts share one laun
 time a test needs it and cached for the session.
 
 Default run: TP1 (1 process), TP2, EP2, PP2, TP2xEP2 with ETP1 (2 processes).
-Slow: TP2xPP2, TP2xEP2 with ETP2, TP2xPP2xEP2 (4 processes).
+Slow: TP2xPP2, TP2xEP2 with ETP2, TP2xPP2xEP2 (4 processes). Models: Qwen3-MoE, Qwen2
+(tied embeddings), Qwen3, Llama, Qwen2-MoE (shared expert); see `tiny_models.py`.
 """
 
 from __future__ import annotations
@@ -18,48 +19,45 @@ import os
 
 import pytest
 from multirank import Launch, start_workers
-from tiny_models import ARCH_OVERRIDES, MOE_ARCHS, hf_logprobs, make_models, read_output
+from tiny_models import ALL_ARCHS, hf_logprobs, make_models, read_output
 from tiny_models import write_input as write_sequences
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "logprobs_cli_cases.py")
 TOLERANCE = 1e-5
 MICRO_BATCH_SIZE = 2
 
-# launch group -> (processes, slow, {layout: command-line arguments})
-GROUPS: dict[str, tuple[int, bool, dict[str, list[str]]]] = {
-    "1proc": (1, False, {"tp1": []}),
+# launch group -> (processes, slow, {layout: (command-line arguments, architectures)})
+DENSE = ("qwen2", "qwen3", "llama")
+GROUPS: dict[str, tuple[int, bool, dict[str, tuple[list[str], tuple[str, ...]]]]] = {
+    "1proc": (1, False, {"tp1": ([], ALL_ARCHS)}),
     "2proc": (
         2,
         False,
         {
-            "tp2": ["--tp", "2"],
-            "ep2": ["--ep", "2"],
-            "pp2": ["--pp", "2"],
-            "tp2-ep2-etp1": ["--tp", "2", "--ep", "2", "--etp", "1"],
+            "tp2": (["--tp", "2"], ALL_ARCHS),
+            "ep2": (["--ep", "2"], ("qwen3_moe",)),
+            "pp2": (["--pp", "2"], ("qwen3_moe", "qwen2")),
+            "tp2-ep2-etp1": (["--tp", "2", "--ep", "2", "--etp", "1"], ("qwen3_moe", "qwen2_moe")),
         },
     ),
     "4proc": (
         4,
         True,
         {
-            "tp2-pp2": ["--tp", "2", "--pp", "2"],
-            "tp2-ep2-etp2": ["--tp", "2", "--ep", "2", "--etp", "2"],
-            "tp2-pp2-ep2": ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"],
+            "tp2-pp2": (["--tp", "2", "--pp", "2"], ("qwen3_moe", *DENSE)),
+            "tp2-ep2-etp2": (["--tp", "2", "--ep", "2", "--etp", "2"], ("qwen3_moe", "qwen2_moe")),
+            "tp2-pp2-ep2": (["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("qwen3_moe",)),
         },
     ),
 }
-
-
-def _archs(layout: str) -> tuple[str, ...]:
-    return MOE_ARCHS if "ep" in layout else tuple(ARCH_OVERRIDES)
 
 
 def _cases() -> list:
     params = []
     for group, (_, slow, layouts) in GROUPS.items():
         marks = [pytest.mark.multirank] + ([pytest.mark.slow] if slow else [])
-        for layout in layouts:
-            for arch in _archs(layout):
+        for layout, (_, archs) in layouts.items():
+            for arch in archs:
                 params.append(pytest.param(group, layout, arch, marks=marks, id=f"{layout}-{arch}"))
     return params
 
@@ -89,8 +87,8 @@ class ParityRuns:
                     "hf": self.models[a],
                     "args": args + ["--micro-batch-size", str(MICRO_BATCH_SIZE)],
                 }
-                for lay, args in layouts.items()
-                for a in _archs(lay)
+                for lay, (args, archs) in layouts.items()
+                for a in archs
             ]
             out = os.path.join(self.root, group)
             launch = start_workers(

@@ -2,7 +2,9 @@
 the weight bridge (`test_hf_parity.py`, `test_convert_roundtrip.py`).
 
 Qwen2 is built with tied embeddings (as Qwen2.5-0.5B) so the tied output layer is covered;
-the others are untied. Qwen3-MoE has 4 experts, top-2, `norm_topk_prob=True`.
+the others are untied. Qwen3-MoE has 4 experts, top-2, `norm_topk_prob=True`; Qwen2-MoE
+(not in `megatron_mopd.tiny`, built here) adds QKV bias, a sigmoid-gated shared expert and
+`norm_topk_prob=False`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ ARCH_OVERRIDES: dict[str, dict] = {
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {},
     "llama": {},
+    "qwen2_moe": {},
 }
-MOE_ARCHS = ("qwen3_moe",)
+ALL_ARCHS = tuple(ARCH_OVERRIDES)
 
 # uneven lengths, a 1-token sequence (-> []), token ids across the whole vocabulary
 SEQUENCES: list[list[int]] = [
@@ -35,9 +38,52 @@ def make_models(root: str, archs=tuple(ARCH_OVERRIDES)) -> dict[str, str]:
     for i, arch in enumerate(archs):
         path = os.path.join(root, arch)
         if not os.path.isfile(os.path.join(path, "config.json")):
-            make_tiny_hf_model(arch, path, seed=10 + i, **ARCH_OVERRIDES[arch])
+            if arch == "qwen2_moe":
+                make_tiny_qwen2_moe(path, seed=10 + i)
+            else:
+                make_tiny_hf_model(arch, path, seed=10 + i, **ARCH_OVERRIDES[arch])
         dirs[arch] = path
     return dirs
+
+
+def make_tiny_qwen2_moe(out_dir: str, seed: int = 0) -> str:
+    """A tiny random Qwen2-MoE (shared expert with a gate) saved with a char tokenizer."""
+    import transformers
+
+    from megatron_mopd.tiny import make_char_tokenizer
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    make_char_tokenizer(out_dir, vocab_size=128)
+    return out_dir
 
 
 def write_input(path: str, sequences: list[list[int]] = SEQUENCES) -> str:

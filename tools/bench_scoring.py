@@ -64,6 +64,20 @@ def server_pid(p: subprocess.Popen) -> int:
     return int(kids[0]) if kids else p.pid
 
 
+def _count_params(hf: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(hf, "model.safetensors"), "pt") as f:
+        return sum(_numel(f, k) for k in f.keys())
+
+
+def _numel(f, key: str) -> int:
+    n = 1
+    for d in f.get_slice(key).get_shape():
+        n *= d
+    return n
+
+
 def run_mode(client, seqs, batch_size, pids) -> tuple[float, float, float, list]:
     """Score `seqs`; returns (wall s, client CPU s, servers' CPU s, results)."""
     srv0 = sum(cpu_seconds(p) for p in pids)
@@ -81,7 +95,14 @@ def bench(args: argparse.Namespace) -> None:
     from megatron_mopd.tiny import make_tiny_hf_model
 
     work = tempfile.mkdtemp(prefix="mopd_bench_")
-    hf = args.hf or make_tiny_hf_model(args.arch, os.path.join(work, "model"), seed=0)
+    hf = args.hf or make_tiny_hf_model(
+        args.arch,
+        os.path.join(work, "model"),
+        seed=0,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        intermediate_size=2 * args.hidden_size,
+    )
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(4, 128, (args.n, args.length), generator=g).tolist()
 
@@ -120,9 +141,11 @@ def bench(args: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001 - the router part is optional
             print(f"router unavailable, skipped: {e}")
 
+        n_params = _count_params(hf)
         print(
-            f"scoring {args.n} sequences x {args.length} tokens, model {hf}, "
-            f"2 servers x 1 thread, {os.cpu_count()} cores"
+            f"scoring {args.n} sequences x {args.length} tokens, model {hf} "
+            f"({n_params / 1e6:.2f} M parameters), 2 servers x 1 thread, {os.cpu_count()} cores, "
+            f"load average {os.getloadavg()[0]:.1f}"
         )
         rows = []
         sub = seqs[: args.sequential_n]
@@ -172,6 +195,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hf", help="HF model folder (default: a tiny qwen3_moe built here)")
     ap.add_argument("--arch", default="qwen3_moe", help="tiny architecture when --hf is unset")
+    ap.add_argument("--hidden-size", type=int, default=64, help="of the tiny model")
+    ap.add_argument("--layers", type=int, default=2, help="of the tiny model")
     ap.add_argument("--n", type=int, default=2048, help="sequences")
     ap.add_argument("--length", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--sequential-n", type=int, default=256, help="sequences timed sequentially")

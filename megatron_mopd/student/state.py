@@ -87,44 +87,83 @@ def ensure_optimizer_state(optimizer: Any) -> None:
                         state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
-def load_optimizer_state(optimizer: Any, state_dict: Any) -> None:
-    """`optimizer.load_state_dict` for a loaded (possibly chained) optimizer state, working
-    around megatron-core 0.16.1 with torch's Adam: the distributed optimizer's
+def optimizer_step(optimizer: Any) -> int | None:
+    """Adam's step count (the same for every parameter), or None before the first step."""
+    for opt in _megatron_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                return int(state["step"])
+        for group in inner.param_groups:
+            if group.get("step") is not None:
+                return int(group["step"])
+    return None
+
+
+def _grad_scaler_state(optimizer: Any) -> dict | None:
+    for opt in _megatron_optimizers(optimizer):
+        if getattr(opt, "grad_scaler", None) is not None:
+            return opt.grad_scaler.state_dict()
+    return None
+
+
+def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) -> None:
+    """Load a (possibly chained) optimizer from a loaded training state.
+
+    `state_dict` is the loaded `optimizer` entry; `info` the saved `mopd_state` (step count,
+    grad scaler, number of optimizers). The distributed optimizer is loaded at any layout:
+    the tensors come from the `fully_reshardable` parameter state (requested in this
+    layout's structure), and the rest (param groups) from this optimizer's own
+    configuration with the saved step count. Two reasons not to use megatron's
+    `load_state_dict` as is (megatron-core 0.16.1): the number of optimizers differs across
+    layouts (expert parameters get their own optimizer only when EP > 1), so the saved
+    param groups do not always match; and with torch's Adam,
     `load_parameter_state_from_fully_reshardable` copies every entry of the torch state,
-    including the `step` its own `load_state_dict` just set, from a checkpoint that has none
-    (KeyError 'step'). The per-parameter steps are set aside while the parameter state loads.
+    including the `step` the checkpoint does not hold (KeyError 'step'), so the steps are
+    set aside while the parameter state loads (and then given one tensor per parameter:
+    megatron's `load_state_dict` shares one, which torch's Adam would increment once per
+    parameter on every step). Without the distributed optimizer, megatron's
+    own `load_state_dict` is used; it needs the same number of optimizers as when saved.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     optimizers = _megatron_optimizers(optimizer)
-    if len(optimizers) == 1:
-        parts = [state_dict]
-    else:
-        if len(state_dict) != len(optimizers):
+    parts = [state_dict] if len(optimizers) == 1 else [state_dict[i] for i in range(len(optimizers))]
+    if not all(isinstance(o, DistributedOptimizer) for o in optimizers):
+        if info.get("num_optimizers") != len(optimizers):
             raise UserError(
-                f"the checkpoint holds {len(state_dict)} optimizer(s), this model has "
-                f"{len(optimizers)}; was it saved for another model?"
+                f"the optimizer state was saved with {info.get('num_optimizers')} optimizer(s) "
+                f"(expert parameters get their own when EP > 1), this layout has "
+                f"{len(optimizers)}: resume across EP=1 and EP>1 with "
+                "parallel.use_distributed_optimizer=true"
             )
-        parts = [v for _, v in sorted(state_dict.items())]
+        optimizer.load_state_dict(state_dict)
+        return
+    step = info.get("optimizer_step")
     for opt, part in zip(optimizers, parts):
-        if not isinstance(opt, DistributedOptimizer) or "param_state" not in part:
-            opt.load_state_dict(part)
-            continue
-        part = dict(part)
-        param_state = part.pop("param_state")
-        sharding_type = part.pop("param_state_sharding_type")
-        if sharding_type != "fully_reshardable":
-            raise UserError(f"optimizer state saved as {sharding_type!r}, not fully_reshardable")
-        opt.load_state_dict(part)  # param groups, step, grad scaler; allocates the state
+        if part.get("param_state_sharding_type", "fully_reshardable") != "fully_reshardable":
+            raise UserError(
+                f"optimizer state saved as {part['param_state_sharding_type']!r}; "
+                "only fully_reshardable is supported"
+            )
+        own = opt.state_dict()
+        for group in own["optimizer"]["param_groups"]:
+            if step is not None:
+                group["step"] = step
+        if info.get("grad_scaler") is not None and opt.grad_scaler is not None:
+            own["grad_scaler"] = info["grad_scaler"]
+        opt.load_state_dict(own)  # param groups and step; allocates the state
         inner = opt.optimizer
         steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
         try:
-            opt.load_parameter_state_from_fully_reshardable(param_state)
+            opt.load_parameter_state_from_fully_reshardable(part["param_state"])
         finally:
-            for p, step in steps.items():
-                inner.state[p]["step"] = step
-    if hasattr(optimizer, "_synchronize_steps") and len(optimizers) > 1:
-        optimizer._synchronize_steps()
+            for p, value in steps.items():
+                # megatron gives every parameter the *same* step tensor, which torch's Adam
+                # then increments once per parameter: each gets its own copy
+                inner.state[p]["step"] = value.clone() if torch.is_tensor(value) else value
 
 
 def training_sharded_state_dict(
@@ -135,16 +174,23 @@ def training_sharded_state_dict(
 
     state: dict[str, Any] = model_sharded_state_dict(model_chunks)
     model_part = dict(state)
-    state["mopd_state"] = {
+    info: dict[str, Any] = {
         "version": STATE_VERSION,
         "optimizer": optimizer is not None,
         "scheduler": scheduler is not None,
     }
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
+        info.update(
+            num_optimizers=len(_megatron_optimizers(optimizer)),
+            distributed_optimizer=_uses_distributed_optimizer(optimizer),
+            optimizer_step=optimizer_step(optimizer),
+            grad_scaler=_grad_scaler_state(optimizer),
+        )
         state["optimizer"] = optimizer.sharded_state_dict(
             model_part, is_loading=is_loading, metadata=sharding_metadata()
         )
+    state["mopd_state"] = info
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return state
@@ -210,7 +256,7 @@ def load_training_state(
         raise UserError(f"training checkpoint {in_dir}: does not fit this model: {msg}") from None
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
-        load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"], info)
     if scheduler is not None:
         scheduler.num_steps = 0  # load_state_dict steps forward by the saved count
         try:
