@@ -111,6 +111,8 @@ def importance_weights(
     """The weight `w_t` of each correction: IcePop, TIS (`min(r, eps_high)`) or 1 ("none").
 
     `correction` is a name from `CORRECTIONS` or a `[B]` tensor of their indices. No gradient.
+    TIS reuses `eps_high` as its cap; the usual TIS cap is 2 (set `loss.eps_high=2`, or per
+    domain), IcePop's default upper bound is 5.
     """
     with torch.no_grad():
         r = _ratio(train_logprobs, rollout_logprobs)

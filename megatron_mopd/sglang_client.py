@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 
 from megatron_mopd.errors import TeacherError
 
@@ -528,22 +527,19 @@ def _checked_logprobs(
 
 def _fast_logprobs(entries: list, ids: list[int]) -> list[float] | None:
     """The log-probs of well-formed `[logprob, id, ...]` entries for `ids`, checked in
-    bulk (numpy); None when anything is off, and the caller's entry-by-entry pass then
-    finds and names the problem."""
+    bulk with C-level loops (a NaN or inf makes the sum non-finite, a positive value
+    shows in the max, a null or string raises); None when anything is off, and the
+    caller's entry-by-entry pass then finds and names the problem."""
     try:
         vals = [e[0] for e in entries]
         back = [e[1] for e in entries]
+        if back != ids or not vals:
+            return None if back != ids else []
+        if not (math.isfinite(sum(vals)) and max(vals) <= _MAX_LOGPROB):
+            return None
     except (TypeError, IndexError, KeyError):
         return None
-    if back != ids:
-        return None
-    try:
-        arr = np.asarray(vals, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim != 1 or not (np.isfinite(arr).all() and (arr <= _MAX_LOGPROB).all()):
-        return None
-    return arr.tolist()
+    return vals
 
 
 def _is_logprob(x: Any) -> bool:

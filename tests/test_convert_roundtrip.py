@@ -135,6 +135,7 @@ class Roundtrips:
                     spec["max_shard_bytes"] = SHARD_BYTES
                 if i == 0:
                     spec["bad"] = [self.bad[k] for k in BAD]
+                    spec["derive"] = True
                 spec.update(kw)
                 specs.append(spec)
             launch = start_workers(
@@ -209,3 +210,8 @@ def test_bad_checkpoint_fails_on_every_rank(roundtrips: Roundtrips, kind: str):
     assert all(m is not None for m in messages), messages
     assert len(set(messages)) == 1, messages  # the same error on every rank
     assert BAD_MESSAGES[kind] in messages[0], messages[0]
+
+
+def test_export_without_model_config_reads_the_chunks(roundtrips: Roundtrips):
+    results = roundtrips.run("2proc")
+    assert results[0]["tp2-ep2-etp1-qwen3_moe"]["derived_equal"] is True

@@ -7,8 +7,10 @@ compared with HF's fp32 forward (tolerance 1e-5). Several layouts share one laun
 (`tests/workers/logprobs_cli_cases.py`): one launch per world size, started the first
 time a test needs it and cached for the session.
 
-Default run: TP1 (1 process), TP2, EP2, PP2, TP2xEP2 with ETP1 (2 processes).
-Slow: TP2xPP2, TP2xEP2 with ETP2, TP2xPP2xEP2 (4 processes). Models: Qwen3-MoE, Qwen2
+Default run, one launch of 2 processes: TP1 (as two data-parallel replicas, each scoring
+half the sequences), TP2, EP2, PP2, TP2xEP2 with ETP1. Slow: TP1 in a single process, and
+TP2xPP2, TP2xEP2 with ETP2, TP2xPP2xEP2 (4 processes). The world-size-1 path without
+torchrun is checked against HF in `test_logprobs_cli.py`. Models: Qwen3-MoE, Qwen2
 (tied embeddings), Qwen3, Llama, Qwen2-MoE (shared expert); see `tiny_models.py`.
 """
 
@@ -29,11 +31,12 @@ MICRO_BATCH_SIZE = 2
 # launch group -> (processes, slow, {layout: (command-line arguments, architectures)})
 DENSE = ("qwen2", "qwen3", "llama")
 GROUPS: dict[str, tuple[int, bool, dict[str, tuple[list[str], tuple[str, ...]]]]] = {
-    "1proc": (1, False, {"tp1": ([], ALL_ARCHS)}),
+    "1proc": (1, True, {"tp1": ([], ALL_ARCHS)}),
     "2proc": (
         2,
         False,
         {
+            "tp1-dp2": ([], ALL_ARCHS),
             "tp2": (["--tp", "2"], ALL_ARCHS),
             "ep2": (["--ep", "2"], ("qwen3_moe",)),
             "pp2": (["--pp", "2"], ("qwen3_moe", "qwen2")),

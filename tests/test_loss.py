@@ -552,6 +552,7 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multirank
 def test_vocab_gather_two_process_gloo():
     """A real 2-rank gloo group: each rank holds half the vocabulary."""
     port = _free_port()

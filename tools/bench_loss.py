@@ -123,6 +123,40 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     }
 
 
+def loss_only_seconds(tokens: int, repeats: int = 20) -> dict[str, float]:
+    """Forward + backward time of the two loss functions alone on `[1, T]` log-probs (what
+    the MOPD step adds to the plain one, since both share the model and the log-probs)."""
+    import torch
+
+    from megatron_mopd.config import LossConfig
+    from megatron_mopd.student.logprobs import MicroBatch
+    from megatron_mopd.student.mopd_step import MopdLoss
+    from megatron_mopd.student.train_step import next_token_loss
+
+    T = 16 + tokens
+    mask = torch.zeros(1, T)
+    mask[0, 16:] = 1
+    data = {
+        "rollout_logprobs_B_T": -12 + 0.1 * torch.randn(1, T),
+        "teacher_logprobs_B_T": -12 + torch.randn(1, T),
+        "orm_advantages_B": torch.zeros(1),
+        "domain_ids_B": torch.zeros(1, dtype=torch.long),
+        "valid_B": torch.ones(1),
+    }
+    mb = MicroBatch(torch.zeros(1, T, dtype=torch.long), torch.tensor([T]), mask, data)
+    fns = {"plain": next_token_loss(float(mask.sum())), "mopd": MopdLoss(LossConfig(), ["d"], 1)}
+    out = {}
+    for name, fn in fns.items():
+        best = float("inf")
+        for _ in range(repeats):
+            lp = (-12 + 0.1 * torch.randn(1, T)).requires_grad_(True)
+            start = time.perf_counter()
+            fn(lp, mb)[0].backward()
+            best = min(best, time.perf_counter() - start)
+        out[name] = best
+    return out
+
+
 def compare(results: dict[str, dict]) -> list[str]:
     """Lines of the report, ratios against `plain`, and the verdict per MOPD variant."""
     base = results["plain"]
@@ -170,7 +204,7 @@ def main() -> None:
         return
 
     variants = ["plain", "mopd"] + (["mopd_topk"] if args.topk else [])
-    child_args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "variant")]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
@@ -201,6 +235,12 @@ def main() -> None:
         f"{args.layers} layers, {args.threads} threads"
     )
     print("\n".join(compare(results)))
+    alone = loss_only_seconds(args.tokens)
+    print(
+        f"loss functions alone (fwd + bwd on [1, {16 + args.tokens}] log-probs): plain "
+        f"{alone['plain'] * 1e3:.2f} ms, mopd {alone['mopd'] * 1e3:.2f} ms"
+    )
+    results["loss_only_seconds"] = alone
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

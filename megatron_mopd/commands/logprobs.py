@@ -18,8 +18,9 @@ reported as one line naming the file and line, before any process group exists; 
 rank validates the same input the same way, so no rank waits for another that gave up.
 The output is written by global rank 0 to a temporary file, then renamed.
 
-`--mcore DIR` (a Megatron checkpoint) is accepted by the parser but not implemented yet:
-it is the hook for `model.mcore_path` in `student.load.resolve_model_config`.
+`--mcore DIR` scores with a Megatron checkpoint (written by `mopd convert hf-to-mcore`)
+instead of an HF folder; both go through `student.load` (`resolve_model_config`, then
+`build_student`), which reads the architecture from the folder.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import json
 import os
 from typing import Any
 
-from megatron_mopd.errors import UserError
+from megatron_mopd.errors import ConfigError, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mopd logprobs` (no heavy imports here)."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="HF_DIR", help="a Hugging Face model folder")
-    src.add_argument("--mcore", metavar="DIR", help="a Megatron checkpoint (not yet supported)")
+    src.add_argument(
+        "--mcore", metavar="DIR", help="a Megatron checkpoint folder (mopd convert hf-to-mcore)"
+    )
     parser.add_argument("--input", required=True, help='JSONL, one {"input_ids": [...]} a line')
     parser.add_argument("--output", required=True, help='JSONL, one {"logprobs": [...]} a line')
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -137,10 +140,23 @@ def write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything, then build the student at the layout and score the input."""
+    try:
+        model_cfg, parallel, sequences, rank = _validate(args)
+    except UserError as e:
+        # identical on every rank (nothing distributed has happened yet): a ConfigError is
+        # reported once under torchrun (see cli.main)
+        raise ConfigError(str(e)) from None
+    if not sequences:
+        if rank == 0:
+            write_jsonl_atomic(args.output, [])
+        return 0
+    return _score(args, model_cfg, parallel, sequences)
+
+
+def _validate(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], int]:
+    """Every check before any process group exists: (model config, layout, sequences, rank)."""
     from megatron_mopd.config import ModelConfig, ParallelConfig, check_world_size
 
-    # every check below is cheap and identical on every rank, and runs before any
-    # process group exists: a user error stops all ranks alike, none is left waiting
     if args.micro_batch_size < 1:
         raise UserError(f"--micro-batch-size={args.micro_batch_size} must be a positive integer")
     records = read_sequences(args.input)
@@ -160,14 +176,15 @@ def run(args: argparse.Namespace) -> int:
     from megatron_mopd.student.load import resolve_model_config
 
     model_cfg = ModelConfig(hf_path=args.hf, mcore_path=args.mcore, params_dtype=args.dtype)
-    model_cfg = resolve_model_config(model_cfg, parallel)  # reads config.json only
+    model_cfg = resolve_model_config(model_cfg, parallel)  # reads the folder's JSON only
     check_token_ranges(args.input, records, model_cfg.vocab_size, model_cfg.max_position_embeddings)
-    sequences = [ids for _, ids in records]
-    if not sequences:
-        if rank == 0:
-            write_jsonl_atomic(args.output, [])
-        return 0
+    return model_cfg, parallel, [ids for _, ids in records], rank
 
+
+def _score(
+    args: argparse.Namespace, model_cfg: Any, parallel: Any, sequences: list[list[int]]
+) -> int:
+    """Build the student at the layout (collective), score, write from rank 0."""
     from megatron_mopd.distributed import destroy, init_distributed
     from megatron_mopd.student.load import build_student
 

@@ -255,7 +255,7 @@ def _load_param(
 
 def export_hf_state_dict(
     model_chunks: list[torch.nn.Module],
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | None = None,
     dst: int = 0,
     dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -265,8 +265,11 @@ def export_hf_state_dict(
     step; tensors are yielded on rank `dst` only (other ranks yield nothing). Names and
     order follow HF (embedding, layers in order, final norm, `lm_head` unless tied); values
     are cast to `dtype` (default: the parameters' own). Memory on `dst` is bounded by one
-    parameter and its HF pieces.
+    parameter and its HF pieces. Without `model_cfg` the shapes it needs (heads, groups,
+    head dim, experts, vocabulary) are read from the first chunk.
     """
+    if model_cfg is None:
+        model_cfg = arch_of_chunk(model_chunks[0])
     rank, _ = _world()
     local: dict[tuple[str, int], tuple[ParamMap, torch.Tensor]] = {}
     for chunk in model_chunks:
@@ -281,6 +284,8 @@ def export_hf_state_dict(
                 continue  # the tied head is the embedding
             local[(pm.key, pm.shard)] = (pm, param.detach())
     catalog = {k: (pm, tuple(t.shape), t.dtype) for k, (pm, t) in local.items()}
+    # receive buffers live where this rank's parameters do (the CPU here, a GPU with NCCL)
+    device = next(iter(local.values()))[1].device if local else torch.device("cpu")
     plans = _all_gather(catalog)
     # owner of each (key, shard): the lowest rank holding it
     owners: dict[tuple[str, int], int] = {}
@@ -305,11 +310,28 @@ def export_hf_state_dict(
                 dist.send(local[(key, s)][1].contiguous(), dst)
             elif rank == dst:
                 _, shape, pdtype = meta[(key, s)]
-                buf = torch.empty(shape, dtype=pdtype)
+                buf = torch.empty(shape, dtype=pdtype, device=device)
                 dist.recv(buf, owner)
                 shards.append(buf)
         if rank == dst:
             yield from _to_hf_tensors(pm, shards, model_cfg, dtype)
+
+
+def arch_of_chunk(chunk: torch.nn.Module) -> ModelConfig:
+    """The architecture fields the mapping needs, read from a built `GPTModel` chunk."""
+    inner = unwrap(chunk)
+    tc = inner.config
+    return ModelConfig(
+        num_layers=tc.num_layers,
+        hidden_size=tc.hidden_size,
+        ffn_hidden_size=tc.ffn_hidden_size,
+        num_attention_heads=tc.num_attention_heads,
+        num_query_groups=tc.num_query_groups,
+        kv_channels=tc.kv_channels,
+        vocab_size=inner.vocab_size,
+        num_moe_experts=tc.num_moe_experts,
+        untie_embeddings_and_output_weights=not inner.share_embeddings_and_output_weights,
+    )
 
 
 def _to_hf_tensors(
@@ -370,7 +392,7 @@ def save_hf_checkpoint(
         nbytes = tensor.numel() * tensor.element_size()
         if batch and batch_bytes + nbytes > max_shard_bytes:
             flush()
-        batch[name] = tensor.contiguous()
+        batch[name] = tensor.detach().cpu().contiguous()
         batch_bytes += nbytes
         total += nbytes
         dtypes.add(tensor.dtype)

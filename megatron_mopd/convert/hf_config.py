@@ -50,6 +50,7 @@ ARCH_FIELDS = (
     "moe_shared_expert_gate",
     "moe_router_pre_softmax",
 )
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
@@ -246,9 +247,6 @@ def hf_config_dict(model_cfg: ModelConfig, dtype: str = "float32") -> dict[str, 
                 model_cfg.moe_shared_expert_intermediate_size or 0
             )
     return out
-
-
-_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def params_dtype_of_hf(hf_dir: str | os.PathLike) -> str | None:

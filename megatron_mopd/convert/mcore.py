@@ -155,23 +155,36 @@ class _CpuTorch(types.ModuleType):
 
 
 @contextlib.contextmanager
-def cpu_dist_checkpointing() -> Iterator[None]:
-    """While active (and only without CUDA), let dist_checkpointing's torch_dist save run on
-    CPU. A no-op with CUDA or when the project's megatron-core patches already cover it."""
-    import importlib
+def dist_checkpointing_io() -> Iterator[None]:
+    """The context of every (synchronous) dist_checkpointing save and load here.
 
-    if torch.cuda.is_available():
-        yield
-        return
+    - Without CUDA, dist_checkpointing's torch_dist save runs on CPU (see above; a no-op
+      when the project's megatron-core patches already cover it).
+    - The writer collects its results through a queue that megatron-core creates, on first
+      use, as `multiprocessing.get_context("spawn").Manager().Queue()`: a server process
+      that re-imports the `__main__` module (~5-20 s on a 2-core machine, once per process).
+      A synchronous save fills and reads that queue in this process only, so a plain
+      `queue.Queue` is given for the duration instead.
+    """
+    import importlib
+    import queue
+
     swapped = []
-    for name in _DIST_CKPT_MODULES:
-        module = importlib.import_module(name)
-        if vars(module).get("torch") is torch:  # not patched by patches/megatron_core.py
-            swapped.append(module)
-            module.torch = _CpuTorch()
+    if not torch.cuda.is_available():
+        for name in _DIST_CKPT_MODULES:
+            module = importlib.import_module(name)
+            if vars(module).get("torch") is torch:  # not patched by patches/megatron_core.py
+                swapped.append(module)
+                module.torch = _CpuTorch()
+    writer = importlib.import_module(_DIST_CKPT_MODULES[0])
+    own_queue = getattr(writer, "_results_queue", "absent") is None
+    if own_queue:
+        writer._results_queue = queue.Queue()
     try:
         yield
     finally:
+        if own_queue:
+            writer._results_queue = None
         for module in swapped:
             module.torch = torch
 
@@ -194,16 +207,17 @@ def _require_tokenizer(folder: str, what: str) -> None:
 
 
 def _check_new_folder(path: str, flag: str) -> None:
-    """`UserError` unless `path` can be created: absent (or an empty folder), parent exists."""
+    """`UserError` unless `path` can be created: absent (or an empty folder) under a
+    writable folder (missing parent folders are created)."""
     if os.path.isdir(path) and os.listdir(path):
         raise UserError(f"{flag} {path}: exists and is not empty; choose a new folder or remove it")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: exists and is not a folder")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: parent folder {parent} is not writable")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot create it ({ancestor} is not a writable folder)")
 
 
 def _tmp_name(path: str) -> str:
@@ -238,8 +252,8 @@ def read_mcore_metadata(mcore_dir: str | os.PathLike) -> dict[str, Any]:
             os.path.join(mcore_dir, "model.safetensors.index.json")
         ):
             raise UserError(
-                f"Megatron checkpoint {mcore_dir}: this is a Hugging Face folder; use --hf, "
-                "or convert it with `mopd convert hf-to-mcore`"
+                f"Megatron checkpoint {mcore_dir}: this is a Hugging Face folder, not a "
+                "Megatron checkpoint (convert it with `mopd convert hf-to-mcore`)"
             )
         raise UserError(
             f"Megatron checkpoint {mcore_dir}: no {MODEL_FILE} (not written by `mopd convert "
@@ -407,7 +421,7 @@ def save_mcore_checkpoint(
         os.makedirs(tmp)
 
     _on_rank0(prepare)
-    with cpu_dist_checkpointing():
+    with dist_checkpointing_io():
         dist_checkpointing.save(model_sharded_state_dict(model_chunks), tmp)
 
     def publish() -> None:
@@ -438,7 +452,7 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     sharded = model_sharded_state_dict(model_chunks)
     error = None
     try:
-        with cpu_dist_checkpointing():
+        with dist_checkpointing_io():
             loaded = dist_checkpointing.load(sharded, mcore_dir)
     except (CheckpointingException, KeyError, RuntimeError, ValueError) as e:
         msg = str(e).replace("\n", " ")
@@ -487,7 +501,10 @@ def _check_layout_for(model_cfg: ModelConfig, parallel: ParallelConfig, where: s
     _, world_size, _ = torchrun_env()
     if dist.is_initialized():
         world_size = dist.get_world_size()
-    check_world_size(parallel, world_size)
+    try:
+        check_world_size(parallel, world_size)
+    except ConfigError as e:
+        raise UserError(f"{e} (--tp/--pp/--ep split the model under torchrun)") from None
 
 
 def hf_to_mcore(

@@ -5,8 +5,9 @@
 
 With `model.hf_path` the architecture comes from the folder's `config.json` (the config's
 own architecture fields are placeholders then) and the weights from its safetensors,
-each rank reading only its shards (`convert.hf`). Left out for now: `model.mcore_path`
-(a Megatron checkpoint written by `mopd convert hf-to-mcore`); it raises a clear error.
+each rank reading only its shards (`convert.hf`). With `model.mcore_path` (a Megatron
+checkpoint written by `mopd convert hf-to-mcore`) both come from that folder
+(`convert.mcore`). Otherwise the config's fields define a randomly initialised model.
 """
 
 from __future__ import annotations
@@ -14,25 +15,30 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_mopd.config import ModelConfig, ParallelConfig, check_layout
-from megatron_mopd.errors import UserError
+from megatron_mopd.errors import ConfigError
 
 
 def resolve_model_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> ModelConfig:
-    """The model config with the real architecture filled in (from `hf_path` when set),
-    checked against the parallel layout. Cheap: reads `config.json` only, so callers can
-    run it before any process group exists."""
-    from megatron_mopd.convert.hf_config import model_config_from_hf
-
+    """The model config with the real architecture filled in (from `hf_path` or
+    `mcore_path` when set), checked against the parallel layout. Cheap: reads the folder's
+    JSON only, so callers can run it before any process group exists."""
     if model_cfg.hf_path:
+        from megatron_mopd.convert.hf_config import model_config_from_hf
+
         resolved = model_config_from_hf(model_cfg.hf_path, base=model_cfg)
     elif model_cfg.mcore_path:
-        raise UserError(
-            f"model.mcore_path={model_cfg.mcore_path}: loading Megatron checkpoints is not "
-            "implemented yet; use model.hf_path"
-        )
+        from megatron_mopd.convert.mcore import read_mcore_config
+
+        resolved = read_mcore_config(model_cfg.mcore_path, base=model_cfg)
     else:
         resolved = model_cfg
     check_layout(resolved, parallel_cfg)
+    if resolved.vocab_size % parallel_cfg.tp:
+        # build_model does not pad the vocabulary (so no padded logits reach the log-probs)
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={parallel_cfg.tp} does not divide the "
+            f"model's vocab_size={resolved.vocab_size}"
+        )
     return resolved
 
 
@@ -41,9 +47,9 @@ def build_student(
 ) -> tuple[list[Any], ModelConfig]:
     """Build this rank's model chunks and return them with the resolved model config.
 
-    With `model_cfg.hf_path`: the architecture is read from HF (parallel, dtype and
-    implementation fields kept from `model_cfg`), the layout re-checked against it, and
-    the HF weights loaded (collective: every rank calls this). Otherwise the model is
+    With `model_cfg.hf_path` (or `mcore_path`): the architecture is read from that folder
+    (dtype, implementation and seed kept from `model_cfg`), the layout re-checked against
+    it, and the weights loaded (collective: every rank calls this). Otherwise the model is
     initialised randomly from `model_cfg` (layout independent, seeded by `model.seed`).
     Needs `distributed.init_distributed` first.
     """
@@ -55,6 +61,11 @@ def build_student(
 
         chunks = build_model(resolved, parallel_cfg, init_params=False)
         load_hf_weights(chunks, resolved.hf_path, resolved)
+    elif resolved.mcore_path:
+        from megatron_mopd.convert.mcore import load_mcore_checkpoint
+
+        chunks = build_model(resolved, parallel_cfg, init_params=False)
+        load_mcore_checkpoint(chunks, resolved.mcore_path)
     else:
         chunks = build_model(resolved, parallel_cfg)
     return chunks, resolved

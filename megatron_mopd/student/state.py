@@ -207,12 +207,12 @@ def save_training_state(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_mopd.convert.mcore import cpu_dist_checkpointing
+    from megatron_mopd.convert.mcore import dist_checkpointing_io
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
-    with cpu_dist_checkpointing():
+    with dist_checkpointing_io():
         dist_checkpointing.save(state, out_dir)
 
 
@@ -228,7 +228,7 @@ def load_training_state(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from megatron_mopd.convert.mcore import cpu_dist_checkpointing, load_model_state
+    from megatron_mopd.convert.mcore import dist_checkpointing_io, load_model_state
 
     in_dir = os.fspath(in_dir)
     if not os.path.isfile(os.path.join(in_dir, "metadata.json")):
@@ -249,7 +249,7 @@ def load_training_state(
 
     state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=True)
     try:
-        with cpu_dist_checkpointing():
+        with dist_checkpointing_io():
             loaded = dist_checkpointing.load(state, in_dir)
     except CheckpointingException as e:
         msg = str(e).replace("\n", " ")[:500]

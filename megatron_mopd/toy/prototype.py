@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the measurements to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    with open(os.path.join(args.run_dir, "toy.json")) as f:
+    with open(os.path.join(args.run_dir, "toy", "toy.json")) as f:
         toy = json.load(f)
     fields = {f.name: f.type for f in dataclasses.fields(ProtoConfig)}
     kw = {}

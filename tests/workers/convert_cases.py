@@ -6,8 +6,10 @@
 Each case: init the layout's groups (the default process group is created here once and
 kept), build the student from `hf` (weights loaded by the bridge, each rank reading its
 shards), export it to `export` with `export_hf_checkpoint` (gathered to rank 0), then, for
-each folder in `bad`, try loading it and record the error every rank raised. Every rank
-saves `{case name: {"errors": [...], "params": n}}`.
+each folder in `bad`, try loading it and record the error every rank raised; with
+`derive`, check that exporting without a `ModelConfig` (architecture read from the chunks)
+gives the same tensors. Every rank saves `{case name: {"errors": [...], "params": n,
+"derived_equal": bool | None}}`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from multirank import save_result  # noqa: E402
 
 from megatron_mopd import distributed  # noqa: E402
 from megatron_mopd.config import ModelConfig, ParallelConfig  # noqa: E402
-from megatron_mopd.convert import export_hf_checkpoint, load_hf_weights  # noqa: E402
+from megatron_mopd.convert import (  # noqa: E402
+    export_hf_checkpoint,
+    export_hf_state_dict,
+    load_hf_weights,
+)
 from megatron_mopd.errors import UserError  # noqa: E402
 from megatron_mopd.student.load import build_student  # noqa: E402
 
@@ -51,6 +57,14 @@ def run_case(case: dict) -> dict:
             dtype=DTYPES[case.get("dtype")],
             max_shard_bytes=case.get("max_shard_bytes", 4 * 1024**3),
         )
+        derived_equal = None
+        if case.get("derive"):  # the architecture read from the chunks gives the same export
+            with_cfg = dict(export_hf_state_dict(chunks, resolved))
+            derived = dict(export_hf_state_dict(chunks))
+            if dist.get_rank() == 0:
+                derived_equal = sorted(with_cfg) == sorted(derived) and all(
+                    torch.equal(with_cfg[k], derived[k]) for k in with_cfg
+                )
         errors = []
         for bad in case.get("bad", []):
             try:
@@ -60,7 +74,7 @@ def run_case(case: dict) -> dict:
                 errors.append(str(e))
         n = sum(p.numel() for c in chunks for p in c.parameters())
         dist.barrier()
-        return {"errors": errors, "params": n}
+        return {"errors": errors, "params": n, "derived_equal": derived_equal}
     finally:
         distributed.destroy(keep_process_group=True)
 
