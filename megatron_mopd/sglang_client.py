@@ -9,9 +9,11 @@
 
 The contract is /work/shared/SGLANG_API.md (sglang 0.5.23). Scoring posts batches of
 `batch_size` sequences as one prefill-only `/generate` request
-(`sampling_params.max_new_tokens = 0`, `return_logprob`, `logprob_start_len = start - 1`,
-`top_logprobs_num`); `meta_info.input_token_logprobs` then starts with a `null` entry
-for token `start - 1`, and entry `j >= 1` is the log-prob of token `start - 1 + j`.
+(`sampling_params.max_new_tokens = 0`, `return_logprob`, `top_logprobs_num`, and
+`logprob_start_len = s - 1` with `s` the earliest start of the batch: sglang-router 0.3.2
+accepts only one value per request, not a list); `meta_info.input_token_logprobs` then
+starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of token
+`s - 1 + j`, and each sequence keeps the entries from its own start on.
 
 - Several URLs are used round robin, one request at a time each; a retry goes to the
   next URL. One sglang-router URL works the same way (it spreads the load itself).

@@ -126,7 +126,10 @@ class ConvertRuns:
             for arch in archs:
                 steps.append(
                     _convert_to_mcore(
-                        f"to-mcore-{arch}-{layout}", self.models[arch], self.mcore(arch, layout), args
+                        f"to-mcore-{arch}-{layout}",
+                        self.models[arch],
+                        self.mcore(arch, layout),
+                        args,
                     )
                 )
                 steps.append(
@@ -160,7 +163,9 @@ class ConvertRuns:
         arch = "qwen3_moe"
         (first, first_args), (second, second_args) = WIDE_LAYOUTS.items()
         steps = [
-            _convert_to_mcore("to-mcore-wide", self.models[arch], self.mcore(arch, first), first_args),
+            _convert_to_mcore(
+                "to-mcore-wide", self.models[arch], self.mcore(arch, first), first_args
+            ),
             # saved at one 4-process layout, read at another
             _convert_to_hf(
                 "to-hf-wide-cross",
@@ -169,7 +174,10 @@ class ConvertRuns:
                 second_args,
             ),
             _convert_to_hf(
-                "to-hf-wide", self.mcore(arch), self.path("hf", f"{arch}-from1p-{first}"), first_args
+                "to-hf-wide",
+                self.mcore(arch),
+                self.path("hf", f"{arch}-from1p-{first}"),
+                first_args,
             ),
             self._logprobs(first, arch, first_args),
         ]
@@ -179,7 +187,10 @@ class ConvertRuns:
         argv = ["logprobs", "--mcore", self.mcore(arch), "--input", self.input]
         argv += ["--output", self.path("logprobs", f"{layout}-{arch}.jsonl")]
         os.makedirs(self.path("logprobs"), exist_ok=True)
-        return {"name": f"logprobs-{layout}-{arch}", "argv": argv + args + ["--micro-batch-size", "2"]}
+        return {
+            "name": f"logprobs-{layout}-{arch}",
+            "argv": argv + args + ["--micro-batch-size", "2"],
+        }
 
     def reference(self, arch: str) -> list:
         if arch not in self._references:
@@ -298,9 +309,10 @@ def test_bf16_export_loads_in_transformers(runs: ConvertRuns):
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert tok("ab")["input_ids"] == transformers.AutoTokenizer.from_pretrained(
-        runs.models["qwen3_moe"]
-    )("ab")["input_ids"]
+    assert (
+        tok("ab")["input_ids"]
+        == transformers.AutoTokenizer.from_pretrained(runs.models["qwen3_moe"])("ab")["input_ids"]
+    )
 
 
 def test_exported_model_computes_the_same_logits(runs: ConvertRuns):
@@ -310,7 +322,9 @@ def test_exported_model_computes_the_same_logits(runs: ConvertRuns):
     ids = torch.tensor([[1, 5, 9, 33, 7, 100]])
     with torch.no_grad():
         ref = transformers.AutoModelForCausalLM.from_pretrained(runs.models["qwen2"])(ids).logits
-        out = transformers.AutoModelForCausalLM.from_pretrained(runs.path("hf", "qwen2"))(ids).logits
+        out = transformers.AutoModelForCausalLM.from_pretrained(runs.path("hf", "qwen2"))(
+            ids
+        ).logits
     assert torch.equal(ref, out)
 
 
@@ -406,8 +420,12 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 def test_missing_checkpoint_folder(capsys, tmp_path):
     missing = str(tmp_path / "nope")
-    line = _fails(capsys, ["convert", "mcore-to-hf", "--mcore", missing, "--out", str(tmp_path / "o")])
-    assert line.startswith("mopd convert: error:") and missing in line and "no such directory" in line
+    line = _fails(
+        capsys, ["convert", "mcore-to-hf", "--mcore", missing, "--out", str(tmp_path / "o")]
+    )
+    assert (
+        line.startswith("mopd convert: error:") and missing in line and "no such directory" in line
+    )
     inp = write_input(str(tmp_path / "in.jsonl"))
     out = str(tmp_path / "out.jsonl")
     line = _fails(capsys, ["logprobs", "--mcore", missing, "--input", inp, "--output", out])
@@ -415,7 +433,9 @@ def test_missing_checkpoint_folder(capsys, tmp_path):
     assert "no such directory" in line
 
 
-def _fake_checkpoint(folder: str, files: dict[str, int] | None = None, tokenizer: bool = True) -> str:
+def _fake_checkpoint(
+    folder: str, files: dict[str, int] | None = None, tokenizer: bool = True
+) -> str:
     """A folder that looks like a complete checkpoint (files of the given sizes)."""
     os.makedirs(folder)
     files = files or {"metadata.json": 40, ".metadata": 100, "common.pt": 50, "__0_0.distcp": 300}
@@ -522,7 +542,8 @@ def test_layout_that_does_not_divide_the_model(tiny, capsys, tmp_path, arch, arg
 def test_layout_that_does_not_divide_a_checkpoint(capsys, tmp_path):
     folder = _fake_checkpoint(str(tmp_path / "ckpt"))
     line = _fails(
-        capsys, ["convert", "mcore-to-hf", "--mcore", folder, "--out", str(tmp_path / "o"), "--tp", "3"]
+        capsys,
+        ["convert", "mcore-to-hf", "--mcore", folder, "--out", str(tmp_path / "o"), "--tp", "3"],
     )
     assert folder in line and "does not divide" in line
 
@@ -535,7 +556,9 @@ def test_tokenizer_missing(tiny, capsys, tmp_path):
     line = _fails(capsys, ["convert", "hf-to-mcore", "--hf", bare, "--out", str(tmp_path / "o")])
     assert bare in line and "no tokenizer" in line
     folder = _fake_checkpoint(str(tmp_path / "ckpt"), tokenizer=False)
-    line = _fails(capsys, ["convert", "mcore-to-hf", "--mcore", folder, "--out", str(tmp_path / "p")])
+    line = _fails(
+        capsys, ["convert", "mcore-to-hf", "--mcore", folder, "--out", str(tmp_path / "p")]
+    )
     assert folder in line and "no tokenizer" in line
 
 

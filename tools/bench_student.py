@@ -7,14 +7,17 @@ against Hugging Face's Qwen3-MoE implementation of the same model, in one run.
 The model: a Qwen3-MoE-like student (fp32, hidden 256, 4 layers, 8 experts top-2,
 expert FFN 256, 4 heads of 64 with 2 KV groups, qk-norm, vocabulary 1024) on sequences of
 256 tokens, a global batch of `--batch` sequences per step. Each layout runs in its own
-process(es): TP1 in one process (followed, in the same process, by HF transformers'
-`Qwen3MoeForCausalLM` of the same size), TP2 and EP2 under `torchrun` with 2 processes
-(EP2 splits the batch over the 2 ranks, TP2 gives both ranks the whole batch). Reported
-per layout: global tokens / s of forward + backward (megatron's schedule, per-token
-log-probs from vocabulary-sharded logits, next-token loss; no optimizer step), the
-median over `--steps` steps after one warm-up, and the peak RSS per rank. Also (TP1):
-the same step under a `TorchFunctionMode` that inspects every torch call's `device`
-argument -- the global alternative to the targeted CPU patches -- to show its overhead.
+process(es): TP1 in one process, together with HF transformers' `Qwen3MoeForCausalLM` of
+the same size (same batch, micro-batches and loss), TP2 and EP2 under `torchrun` with 2
+processes (EP2 splits the batch over the 2 ranks, TP2 gives both ranks the whole batch).
+Reported per layout: global tokens / s of forward + backward (megatron's schedule,
+per-token log-probs from vocabulary-sharded logits, next-token loss; no optimizer step)
+and the peak RSS per rank (the student's, measured before the HF model is built). Also
+(TP1): the same step under a `TorchFunctionMode` that inspects every torch call's
+`device` argument -- the global alternative to the targeted CPU patches -- to show its
+overhead. The machine may be shared: within a process the variants' steps are
+interleaved and the best of `--steps` rounds (after a warm-up) is kept, so the TP1 / HF
+ratio and the mode's overhead are robust to load; the layouts' absolute figures are not.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,18 +65,23 @@ def _sequences(n: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, SEQ), generator=gen).tolist()
 
 
-def _timed(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+def _interleaved(fns: dict, steps: int) -> dict[str, float]:
+    """Seconds per call of each function: one warm-up each, then `steps` rounds that call
+    them in turn (so a shared machine's load hits all alike); the minimum per function."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
 
 
-def bench_megatron(layout: str, args: argparse.Namespace) -> dict:
-    """One layout's figures (run in each of its processes)."""
+def bench_megatron(layout: str, args: argparse.Namespace) -> list[dict]:
+    """One layout's figures (run in each of its processes); at TP1 also HF's and the
+    TorchFunctionMode's, interleaved with the student's steps."""
     import torch
 
     from megatron_mopd.config import ParallelConfig
@@ -110,14 +117,28 @@ def bench_megatron(layout: str, args: argparse.Namespace) -> dict:
             chunk.zero_grad_buffer()
         run_schedule(chunks, batches, loss_func_for, forward_only=False)
 
-    seconds = _timed(step, args.steps)
-    out = {"layout": layout, "seconds": seconds, "tokens_per_s": args.batch * SEQ / seconds}
-    if layout == "tp1" and not args.no_mode:
+    def step_with_mode():
         with _DeviceInspectingMode():
-            out["seconds_with_function_mode"] = _timed(step, args.steps)
-    out["peak_rss_mb"] = _peak_rss_mb()
+            step()
+
+    step()
+    rss = _peak_rss_mb()  # the student's peak, before any HF model exists in this process
+    fns = {layout: step}
+    if layout == "tp1" and not args.no_mode:
+        fns["mode"] = step_with_mode
+    if layout == "tp1" and not args.no_hf:
+        fns["hf"] = hf_step(args)
+    seconds = _interleaved(fns, args.steps)
+    results = [
+        {"layout": name, "seconds": t, "tokens_per_s": args.batch * SEQ / t}
+        for name, t in seconds.items()
+        if name != "mode"
+    ]
+    results[0]["peak_rss_mb"] = rss
+    if "mode" in seconds:
+        results[0]["seconds_with_function_mode"] = seconds["mode"]
     destroy()
-    return out
+    return results
 
 
 def _device_inspecting_mode_cls():
@@ -147,8 +168,9 @@ class _DeviceInspectingMode:
         return self._mode.__exit__(*exc)
 
 
-def bench_hf(args: argparse.Namespace) -> dict:
-    """HF transformers' Qwen3-MoE of the same size, one process, same batch and loss."""
+def hf_step(args: argparse.Namespace):
+    """A forward + backward step of HF transformers' Qwen3-MoE of the same size (same
+    batch, micro-batches and loss)."""
     import torch
     import transformers
 
@@ -186,14 +208,11 @@ def bench_hf(args: argparse.Namespace) -> dict:
             logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             (-logprobs.sum() / (len(seqs) * (SEQ - 1))).backward()
 
-    seconds = _timed(step, args.steps)
-    return {"layout": "hf", "seconds": seconds, "tokens_per_s": args.batch * SEQ / seconds}
+    return step
 
 
 def _worker(args: argparse.Namespace) -> None:
-    results = [bench_megatron(args.worker, args)]
-    if args.worker == "tp1" and not args.no_hf:
-        results.append(bench_hf(args))
+    results = bench_megatron(args.worker, args)
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(args.out, f"{args.worker}.rank{rank}.json"), "w") as f:
         json.dump(results, f)
@@ -235,7 +254,7 @@ def main() -> None:
     print(
         f"Qwen3-MoE-like student: hidden 256, 4 layers, 8 experts top-2, seq {SEQ}, fp32, "
         f"{args.batch} sequences per step, micro-batch {args.micro_batch}, "
-        f"median of {args.steps} steps"
+        f"best of {args.steps} steps"
     )
     print(f"{'layout':8s} {'fwd+bwd tokens/s':>17s} {'s/step':>8s} {'peak RSS/rank (MB)':>20s}")
     for layout in ("tp1", "tp2", "ep2", "hf"):
@@ -246,7 +265,7 @@ def main() -> None:
         print(f"{layout:8s} {r[0]['tokens_per_s']:17.0f} {r[0]['seconds']:8.3f} {rss:>20s}")
     if "hf" in rows:
         ratio = rows["tp1"][0]["tokens_per_s"] / rows["hf"][0]["tokens_per_s"]
-        print(f"megatron TP1 / transformers (same process, same run): {ratio:.2f}x tokens/s")
+        print(f"megatron TP1 / transformers (same process, interleaved): {ratio:.2f}x tokens/s")
     mode = rows["tp1"][0].get("seconds_with_function_mode")
     if mode:
         print(

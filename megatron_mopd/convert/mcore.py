@@ -23,14 +23,17 @@ linear_qkv.weight`, stacked over layers and experts), so any layout reads the sl
 ("resharding on load"); the conversion to HF names happens only in `convert.hf`. Folders are
 written under a temporary name and renamed when complete.
 
-Memory: `hf_to_mcore` holds one copy of the model (each rank its shards) and streams the HF
-tensors into it; `mcore_to_hf` holds the model plus one HF safetensors shard being written
-(`max_shard_bytes`) and, while loading, one group of layers' worth of checkpoint buffers.
+Memory (one process, measured by `tools/bench_convert.py`): `hf_to_mcore` holds the model
+once plus, while `convert.hf` reads the safetensors through mmap, the pages it touched;
+`mcore_to_hf` holds the model plus one HF safetensors shard being written
+(`max_shard_bytes`) and, while loading, a transient copy of the routed experts' `linear_fc1`
+(dist_checkpointing merges gate and up halves). Under torchrun each rank holds its shards.
 
-Left out: checkpoints of the Transformer Engine layer spec are not tested here (TE names the
-fused norms differently, and dist_checkpointing maps them to the same keys only for the norms
-megatron-core remaps); virtual pipeline stages (one model chunk per rank) are supported by the
-format but not exercised.
+Left out: checkpoints written with the Transformer Engine layer spec (GPU) are not tested on
+these machines. megatron-core keys the local spec's tensors by the TE names
+(`linear_qkv.layer_norm_weight`, `experts.experts.linear_fc1.weight`), so the two are meant to
+be interchangeable. Virtual pipeline stages (several chunks per rank) are handled by the
+format (`model0`, `model1`, ...) but not exercised. Async saves are not used.
 """
 
 from __future__ import annotations
@@ -57,13 +60,13 @@ FORMAT_VERSION = 1
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # what `mcore_to_hf` writes per safetensors shard at most (the peak memory above the model)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-# ModelConfig fields stored in mopd_model.json (the architecture; H2's list plus the MoE
-# settings that change the computation)
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _arch_fields() -> tuple[str, ...]:
+    """ModelConfig fields stored in mopd_model.json: the architecture (`convert.hf_config`'s
+    list, plus the router's scaling factor, which changes the computation)."""
     from megatron_mopd.convert.hf_config import ARCH_FIELDS
 
     return tuple(ARCH_FIELDS) + ("moe_router_topk_scaling_factor",)
@@ -265,7 +268,9 @@ def read_mcore_metadata(mcore_dir: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not a megatron_mopd checkpoint description (no format={FORMAT!r})")
+        raise UserError(
+            f"{path}: not a megatron_mopd checkpoint description (no format={FORMAT!r})"
+        )
     if meta.get("version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: format version {meta.get('version')} is not supported "
@@ -301,7 +306,7 @@ def read_mcore_config(mcore_dir: str | os.PathLike, base: ModelConfig | None = N
     meta = read_mcore_metadata(mcore_dir)
     model = meta.get("model")
     if not isinstance(model, dict):
-        raise UserError(f"{os.path.join(mcore_dir, MODEL_FILE)}: no \"model\" section")
+        raise UserError(f'{os.path.join(mcore_dir, MODEL_FILE)}: no "model" section')
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(model) - known)
     if unknown:
@@ -343,6 +348,18 @@ def _model_meta(model_cfg: ModelConfig, files: dict[str, int], source: str | Non
         "megatron_core": getattr(megatron.core, "__version__", None),
         "files": files,
     }
+
+
+def write_mcore_description(
+    folder: str | os.PathLike, model_cfg: ModelConfig, source: str | None = None
+) -> None:
+    """Write `mopd_model.json` into a folder where a dist_checkpointing save has just
+    finished (call it on one rank, after the save): the architecture, the layout, and the
+    size of every checkpoint file. With it the folder is a Megatron checkpoint that
+    `read_mcore_config`, `load_mcore_checkpoint` and `mopd convert mcore-to-hf` accept."""
+    folder = os.fspath(folder)
+    meta = _model_meta(model_cfg, _checkpoint_files(folder), source)
+    _write_json(os.path.join(folder, MODEL_FILE), meta)
 
 
 def _copy_hf_side_files(src: str | None, tokenizer_dir: str | None, dst: str) -> None:
@@ -426,8 +443,7 @@ def save_mcore_checkpoint(
 
     def publish() -> None:
         _copy_hf_side_files(src, tok, tmp)
-        meta = _model_meta(model_cfg, _checkpoint_files(tmp), src)
-        _write_json(os.path.join(tmp, MODEL_FILE), meta)
+        write_mcore_description(tmp, model_cfg, source=src)
         if os.path.isdir(out_dir):  # an empty folder given as the destination
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
@@ -441,8 +457,9 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
 
     Collective. Works at any TP/PP/EP/ETP layout whatever layout the checkpoint was saved at
     (each rank reads the slices its parameters need). Also reads the model part of a
-    training checkpoint (`student.state.save_training_state`). Raises `UserError` for a
-    missing or partial folder, or one whose tensors do not fit the model.
+    training checkpoint saved with its `model_cfg` (`student.state.save_training_state`).
+    Raises `UserError` for a missing or partial folder, or one whose tensors do not fit the
+    model.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException

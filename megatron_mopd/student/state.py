@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from megatron_mopd.config import ModelConfig
 from megatron_mopd.errors import UserError
 
 STATE_VERSION = 1
@@ -130,7 +131,9 @@ def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) 
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     optimizers = _megatron_optimizers(optimizer)
-    parts = [state_dict] if len(optimizers) == 1 else [state_dict[i] for i in range(len(optimizers))]
+    parts = (
+        [state_dict] if len(optimizers) == 1 else [state_dict[i] for i in range(len(optimizers))]
+    )
     if not all(isinstance(o, DistributedOptimizer) for o in optimizers):
         if info.get("num_optimizers") != len(optimizers):
             raise UserError(
@@ -197,23 +200,37 @@ def training_sharded_state_dict(
 
 
 def save_training_state(
-    model_chunks: list[Any], optimizer: Any, scheduler: Any, out_dir: str | os.PathLike
+    model_chunks: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    out_dir: str | os.PathLike,
+    model_cfg: ModelConfig | None = None,
 ) -> None:
     """Save model, optimizer and LR scheduler to `out_dir` (collective; every rank calls it).
 
     `out_dir` must be empty or absent; the run-level checkpoint manager publishes the
     enclosing folder atomically (`checkpoint.CheckpointManager.save`). `optimizer` and
-    `scheduler` may be None (model only).
+    `scheduler` may be None (model only). With `model_cfg`, the folder also gets
+    `mopd_model.json`, which makes it a Megatron checkpoint that
+    `convert.mcore.load_mcore_checkpoint` and `mopd convert mcore-to-hf --tokenizer DIR` read
+    (the model part).
     """
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_mopd.convert.mcore import dist_checkpointing_io
+    from megatron_mopd.convert.mcore import dist_checkpointing_io, write_mcore_description
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
     with dist_checkpointing_io():
-        dist_checkpointing.save(state, out_dir)
+        dist_checkpointing.save(state, out_dir)  # ends with a barrier
+    if model_cfg is not None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            write_mcore_description(out_dir, model_cfg)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def load_training_state(
@@ -225,16 +242,19 @@ def load_training_state(
     The scheduler must be configured as when it was saved (peak and minimum LR, warmup,
     decay): a difference raises `UserError`; its step count is the checkpoint's.
     """
+    in_dir = os.fspath(in_dir)
+    if not os.path.isdir(in_dir):
+        raise UserError(f"training checkpoint {in_dir}: no such directory")
+    if not os.path.isfile(os.path.join(in_dir, "metadata.json")):
+        raise UserError(
+            f"training checkpoint {in_dir}: no metadata.json (a partial checkpoint: the save "
+            "did not finish)"
+        )
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from megatron_mopd.convert.mcore import dist_checkpointing_io, load_model_state
 
-    in_dir = os.fspath(in_dir)
-    if not os.path.isfile(os.path.join(in_dir, "metadata.json")):
-        raise UserError(
-            f"training checkpoint {in_dir}: no metadata.json (missing or partial checkpoint)"
-        )
     common = dist_checkpointing.load_common_state_dict(in_dir)
     info = common.get("mopd_state") or {}
     if info.get("version") != STATE_VERSION:

@@ -48,7 +48,9 @@ def main() -> None:
                 code = e.code or 0
             results[step["name"]] = {"code": code, "seconds": time.perf_counter() - start}
             if code:
-                raise RuntimeError(f"step {step['name']}: mopd {' '.join(step['argv'])} exit {code}")
+                raise RuntimeError(
+                    f"step {step['name']}: mopd {' '.join(step['argv'])} exit {code}"
+                )
             if torchrun:
                 dist.barrier()
     finally:

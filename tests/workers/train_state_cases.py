@@ -1,17 +1,20 @@
 """Worker: save the student's training state at one layout, resume it at others.
 
-    torchrun --standalone --nproc-per-node 2 tests/workers/train_state_cases.py \
-        --out DIR --ckpt CKPT_DIR --cases '[{"name": "save", "tp": 2, "save": true}, ...]'
+    torchrun --standalone --nproc-per-node 2 tests/workers/train_state_cases.py --out DIR \
+        --ckpt ROOT --cases '[{"name": "save", "tp": 2, "save": "a", "start": 2},
+                              {"name": "tp1", "load": "a", "start": 2}, ...]'
 
-Every case builds the tiny MoE student (Qwen3-MoE-like, 4 experts) at its layout with the
-distributed optimizer, an LR schedule with warmup and cosine decay, and runs train steps on
-fixed global batches (each DP rank its share; the loss scales every sequence by
-1 / global number of sequences, so the summed loss is layout independent).
+Every case builds the tiny MoE student (Qwen3-MoE-like, 4 experts) at its layout (with the
+distributed optimizer unless `"distopt": false`), an LR schedule with warmup and cosine
+decay, and runs train steps on fixed global batches (each DP rank its share; the loss
+scales every sequence by 1 / global number of sequences, so the summed loss is layout
+independent). Batch k is the same everywhere.
 
-- A case with `"save": true` runs `SAVE_AFTER` steps, saves the training state to
-  `CKPT_DIR`, then runs `RESUMED_STEPS` more (the reference).
-- The other cases build the model from a *different* random seed, load the state from
-  `CKPT_DIR` and run the same `RESUMED_STEPS` steps.
+- `"save": NAME`: run steps 0 .. start-1, save the training state to ROOT/NAME, then run
+  `RESUMED_STEPS` more (the reference).
+- `"load": NAME`: build the model from a *different* random seed, load ROOT/NAME, run
+  steps start .. start + RESUMED_STEPS - 1. With `"model_only": true` only the model is
+  loaded, with `convert.mcore.load_mcore_checkpoint` (the optimizer starts fresh).
 
 Each rank saves `{case name: {"losses": [...], "lrs": [...], ...}}`. The second resumed step
 depends on the optimizer's loaded moments and step count, not only on the weights.
@@ -52,7 +55,6 @@ MODEL = ModelConfig(
 TRAIN = TrainConfig(
     lr=3e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_style="cosine", max_steps=8, clip_grad=1.0
 )
-SAVE_AFTER = 2
 RESUMED_STEPS = 2
 NUM_SEQUENCES = 8
 MICRO_BATCH_SIZE = 2
@@ -74,9 +76,10 @@ def sequence_mean_loss(num_global_sequences: int):
     return loss_fn
 
 
-def run_case(case: dict, ckpt_dir: str) -> dict:
+def run_case(case: dict, ckpt_root: str) -> dict:
     from dataclasses import replace
 
+    from megatron_mopd.convert.mcore import load_mcore_checkpoint, read_mcore_config
     from megatron_mopd.student.logprobs import make_micro_batches
     from megatron_mopd.student.model import build_model
     from megatron_mopd.student.state import load_training_state, save_training_state
@@ -90,7 +93,9 @@ def run_case(case: dict, ckpt_dir: str) -> dict:
         use_distributed_optimizer=case.get("distopt", True),
     )
     start = time.perf_counter()
-    saving = bool(case.get("save"))
+    saving = "save" in case
+    ckpt_dir = os.path.join(ckpt_root, case["save"] if saving else case["load"])
+    start_step = case["start"]
     model_cfg = MODEL if saving else replace(MODEL, seed=MODEL.seed + 1)
     layout = distributed.init_distributed(parallel, model_cfg, seed=0)
     chunks = wrap_ddp(build_model(model_cfg, parallel), parallel)
@@ -101,23 +106,32 @@ def run_case(case: dict, ckpt_dir: str) -> dict:
         share = len(seqs) // layout.dp
         mine = seqs[layout.dp_rank * share : (layout.dp_rank + 1) * share]
         batches = make_micro_batches(mine, MICRO_BATCH_SIZE, pad_to_multiple_of=layout.tp)
-        return train_step(chunks, optimizer, batches, sequence_mean_loss(len(seqs)), scheduler=scheduler)
+        return train_step(
+            chunks, optimizer, batches, sequence_mean_loss(len(seqs)), scheduler=scheduler
+        )
 
     before: list[float] = []
+    described = None
     if saving:
-        before = [step(k)["loss"] for k in range(SAVE_AFTER)]
+        before = [step(k)["loss"] for k in range(start_step)]
         save_start = time.perf_counter()
-        save_training_state(chunks, optimizer, scheduler, ckpt_dir)
+        save_training_state(chunks, optimizer, scheduler, ckpt_dir, model_cfg=model_cfg)
         io_seconds = time.perf_counter() - save_start
+        described = read_mcore_config(ckpt_dir).num_moe_experts
+    elif case.get("model_only"):  # the model part only, as a Megatron checkpoint
+        load_start = time.perf_counter()
+        load_mcore_checkpoint(chunks, ckpt_dir)
+        io_seconds = time.perf_counter() - load_start
     else:
         load_start = time.perf_counter()
         load_training_state(chunks, optimizer, scheduler, ckpt_dir)
         io_seconds = time.perf_counter() - load_start
     lr_at_resume = float(optimizer.param_groups[0]["lr"])
-    outs = [step(SAVE_AFTER + k) for k in range(RESUMED_STEPS)]
+    outs = [step(start_step + k) for k in range(RESUMED_STEPS)]
     distributed.destroy(keep_process_group=True)
     return {
         "before": before,
+        "described_experts": described,
         "losses": [o["loss"] for o in outs],
         "grad_norms": [o["grad_norm"] for o in outs],
         "lrs": [o["lr"] for o in outs],
@@ -132,7 +146,7 @@ def run_case(case: dict, ckpt_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--ckpt", required=True, help="folder of the checkpoints")
     parser.add_argument("--cases", required=True, help="JSON list of case dicts")
     args = parser.parse_args()
     torch.distributed.init_process_group("gloo")

@@ -1,0 +1,133 @@
+"""Training state (model, optimizer, LR schedule) saved at one layout, resumed at others.
+
+One torchrun launch (2 processes, `tests/workers/train_state_cases.py`) runs, in order:
+
+- `save`: the tiny MoE student at TP2 with the distributed optimizer trains 2 steps
+  (warmup, cosine decay, Adam), saves its training state, and trains 2 more (reference);
+- resumes of that state, each from a model built with another seed: at TP2 (the same
+  layout: bitwise-identical losses), at TP1 with DP2, at EP2 (expert parameters then get an
+  optimizer of their own) and at PP2; each trains the same 2 steps. The second resumed
+  step's loss depends on the loaded Adam moments and step count, not only on the weights;
+- `model-only`: only the model part loaded, as a Megatron checkpoint (`load_mcore_checkpoint`);
+- `fresh`: a state saved before any optimizer step (Adam state created as a first step
+  would), resumed at TP2.
+
+Slow: the same without the distributed optimizer (TP2 -> TP1 and PP2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from multirank import start_workers
+
+from megatron_mopd.errors import UserError
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "train_state_cases.py")
+TOLERANCE = 1e-5
+
+CASES = [
+    {"name": "save", "tp": 2, "save": "a", "start": 2},
+    {"name": "tp2", "tp": 2, "load": "a", "start": 2},
+    {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2},
+    {"name": "ep2", "ep": 2, "load": "a", "start": 2},
+    {"name": "pp2", "pp": 2, "load": "a", "start": 2},
+    {"name": "model-only", "tp": 1, "load": "a", "start": 2, "model_only": True},
+    {"name": "fresh", "tp": 1, "save": "b", "start": 0},
+    {"name": "fresh-tp2", "tp": 2, "load": "b", "start": 0},
+]
+PLAIN_CASES = [
+    {"name": "save", "tp": 2, "save": "a", "start": 2, "distopt": False},
+    {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "distopt": False},
+    {"name": "pp2", "pp": 2, "load": "a", "start": 2, "distopt": False},
+]
+
+
+class StateRuns:
+    def __init__(self, root: str):
+        self.root = root
+        self._results: dict[str, dict] = {}
+
+    def results(self, group: str) -> dict:
+        if group not in self._results:
+            cases = CASES if group == "distopt" else PLAIN_CASES
+            out = os.path.join(self.root, group)
+            launch = start_workers(
+                WORKER,
+                2,
+                ["--ckpt", os.path.join(out, "ckpt"), "--cases", json.dumps(cases)],
+                out_dir=out,
+                timeout=900,
+            )
+            ranks = launch.wait()
+            print(f"[train-state] {group}: launch {launch.seconds:.1f} s")
+            for name, r in ranks[0].items():
+                print(f"    {name}: {r['seconds']:.1f} s (save/load {r['io_seconds']:.2f} s)")
+            self._results[group] = ranks[0]
+        return self._results[group]
+
+
+@pytest.fixture(scope="module")
+def state_runs(tmp_path_factory) -> StateRuns:
+    return StateRuns(str(tmp_path_factory.mktemp("train_state")))
+
+
+def _check(results: dict, reference: str, name: str, exact: bool) -> None:
+    ref, got = results[reference], results[name]
+    assert got["lrs"] == ref["lrs"] and got["lr_at_resume"] == ref["lr_at_resume"]
+    assert got["scheduler_steps"] == ref["scheduler_steps"]
+    diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"])]
+    print(
+        f"[train-state] {name} vs {reference}: losses {got['losses']}, max |diff| {max(diffs):.2e}"
+    )
+    if exact:
+        assert got["losses"] == ref["losses"]
+        assert got["grad_norms"] == ref["grad_norms"]
+    else:
+        assert max(diffs) < TOLERANCE
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "name,exact", [("tp2", True), ("tp1dp2", False), ("ep2", False), ("pp2", False)]
+)
+def test_resume_with_distributed_optimizer(state_runs: StateRuns, name: str, exact: bool):
+    results = state_runs.results("distopt")
+    assert results["save"]["layout"] == (2, 1, 1, 2, 1)
+    _check(results, "save", name, exact)
+
+
+@pytest.mark.multirank
+def test_training_checkpoint_is_a_megatron_checkpoint(state_runs: StateRuns):
+    """Saved with its model config, the folder is also a Megatron checkpoint: its model
+    part loads with `load_mcore_checkpoint` (at another layout), the first step's loss
+    (which depends on the weights only) is the reference's."""
+    results = state_runs.results("distopt")
+    assert results["save"]["described_experts"] == 4
+    ref, got = results["save"]["losses"][0], results["model-only"]["losses"][0]
+    assert abs(got - ref) < TOLERANCE
+
+
+@pytest.mark.multirank
+def test_resume_before_the_first_step(state_runs: StateRuns):
+    results = state_runs.results("distopt")
+    _check(results, "fresh", "fresh-tp2", exact=False)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tp1dp2", "pp2"])
+def test_resume_without_distributed_optimizer(state_runs: StateRuns, name: str):
+    _check(state_runs.results("plain"), "save", name, exact=False)
+
+
+def test_missing_or_partial_training_checkpoint(tmp_path):
+    from megatron_mopd.student.state import load_training_state
+
+    with pytest.raises(UserError, match="no such directory"):
+        load_training_state([], None, None, str(tmp_path / "nope"))
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(UserError, match="no metadata.json"):
+        load_training_state([], None, None, str(tmp_path / "partial"))
