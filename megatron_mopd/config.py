@@ -309,6 +309,9 @@ class CheckpointConfig:
     interval: int = 0
     keep_last: int = 2
     dir: str | None = None
+    # at the end, also write the student as a Hugging Face folder (RUN_DIR/hf_final),
+    # loadable by transformers and SGLang
+    save_hf: bool = True
 
     def validate(self, path: str) -> None:
         if self.interval < 0:

@@ -247,8 +247,19 @@ class Run:
             model_cfg=self.student.model_cfg,
         )
 
+    def export_hf(self, out_dir: str) -> None:
+        """Write the student as a Hugging Face folder (collective; rank 0 writes)."""
+        from megatron_mopd.convert.hf import export_hf_checkpoint
+
+        tok_dir = self.cfg.model.tokenizer_path or self.student.hf_dir
+        export_hf_checkpoint(
+            self.student.model_chunks, self.student.model_cfg, out_dir, tokenizer_dir=tok_dir
+        )
+        if self.is_driver:
+            print(f"student written as a Hugging Face folder: {out_dir}", file=sys.stderr)
+
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Greedy exact match per domain on the held-out prompts (driver), logged."""
         if not self.is_driver or self.eval_data is None:
             return {}

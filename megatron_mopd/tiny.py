@@ -48,7 +48,7 @@ def make_char_tokenizer(out_dir: str, extra_chars: str = "", vocab_size: int | N
     Ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then one id per character. With
     `vocab_size` the vocabulary is padded with unused `<extra_i>` tokens to that size.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = char_vocab(extra_chars)
@@ -58,6 +58,7 @@ def make_char_tokenizer(out_dir: str, extra_chars: str = "", vocab_size: int | N
         vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # decode joins characters without spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

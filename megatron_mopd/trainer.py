@@ -61,6 +61,8 @@ def train(cfg: Config) -> dict:
     run = Run.create(cfg, env)  # student, data, teachers, rollout engine, logger, checkpoints
     try:
         start = run.resume_or_start()  # loads the newest checkpoint, syncs weights to the engine
+        if cfg.train.eval_interval and start == 0:
+            run.evaluate(0)  # the student before training
         last: dict = {}
         for step in range(start + 1, cfg.train.max_steps + 1):
             timer = StepTimer()
@@ -91,10 +93,12 @@ def train(cfg: Config) -> dict:
                 )
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 run.save(step)
-        if cfg.train.eval_interval:
-            run.evaluate(cfg.train.max_steps, final=True)
+        if cfg.train.eval_interval and cfg.train.max_steps % cfg.train.eval_interval:
+            run.evaluate(cfg.train.max_steps)
         if run.saved_step != cfg.train.max_steps:
             run.save(cfg.train.max_steps)
+        if cfg.checkpoint.save_hf:
+            run.export_hf(os.path.join(run.run_dir, "hf_final"))
         return last
     except TeacherError:
         run.save_on_failure()  # a teacher failed mid-run: keep what was trained, then stop
