@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "logprobs": ("logprobs", "per-token log-probs of token sequences on the Megatron student"),
     "score": ("score", "per-token log-probs of token sequences from an SGLang server"),
     "serve": ("serve", "serve a Hugging Face model on CPU behind SGLang's HTTP API"),
+    "demo": ("demo", "the CPU demo: toy teachers, a weak student, MOPD, a table"),
 }
 
 

@@ -139,6 +139,40 @@ def generate_mix(
     return [ex for group in zip(*per, strict=True) for ex in group]
 
 
+def mistake(ex: Example) -> Example | None:
+    """The systematic mistake the weak student is taught on part of each domain, or None
+    when `ex` is not affected.
+
+    `add`: the carry out of the units is forgotten when the units digits sum to 10 or more
+    ("57+68=" -> "115" instead of "125"); `reverse`: strings of 5 or more letters are copied
+    instead of reversed ("rev:abcde=" -> "abcde"). Either way the right and the wrong
+    answer part at one token, so a student that mostly makes the mistake still gives the
+    right token a fair probability: a weak student that is near its teachers.
+    """
+    if ex.domain == "add":
+        a, b = (int(x) for x in ex.prompt[:-1].split("+"))
+        if a % 10 + b % 10 >= 10:
+            return Example(ex.prompt, ex.domain, str(a + b - 10))
+        return None
+    if ex.domain == "reverse":
+        s = ex.prompt[len("rev:") : -1]
+        if len(s) >= 5 and s != s[::-1]:
+            return Example(ex.prompt, ex.domain, s)
+        return None
+    raise ValueError(f"unknown domain {ex.domain!r}")
+
+
+def with_mistakes(examples: Sequence[Example], rate: float, seed: int = 0) -> list[Example]:
+    """`examples` where each affected one (see `mistake`) is replaced by its mistake with
+    probability `rate` (deterministic given `seed`)."""
+    rng = random.Random(f"mistakes:{seed}")
+    out = []
+    for ex in examples:
+        bad = mistake(ex)
+        out.append(bad if bad is not None and rng.random() < rate else ex)
+    return out
+
+
 def response_text(tokens: Sequence[str]) -> str:
     """The text of response tokens (as `tokenizer.convert_ids_to_tokens` gives them),
     cut before the first EOS.
