@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from megatron_mopd.errors import ConfigError, UserError
+from megatron_mopd.errors import ConfigError, RunStopped, UserError
 
 # verb -> (module under megatron_mopd.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         # under torchrun every rank usually hits the same user error: say it once
         rank = os.environ.get("RANK", "0")
-        if rank == "0" or not isinstance(e, ConfigError):
+        if rank == "0" or not isinstance(e, ConfigError | RunStopped):
             prefix = "" if rank == "0" else f"[rank {rank}] "
             print(f"{prefix}mopd {args.verb}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -97,7 +97,6 @@ def tokenize_prompts(
     tokenizer,
     apply_chat_template: bool = False,
     max_prompt_length: int | None = None,
-    add_bos: bool = True,
 ) -> list[list[int]]:
     """Token ids of every prompt (pre-tokenised ids are kept as they are)."""
     out = []
@@ -115,9 +114,8 @@ def tokenize_prompts(
                 [{"role": "user", "content": r.prompt}], add_generation_prompt=True, tokenize=True
             )
         else:
-            ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
-            if add_bos and tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id, *ids]
+            # the tokenizer's own convention for special tokens (Qwen adds none; Llama a BOS)
+            ids = tokenizer(r.prompt)["input_ids"]
         if vocab is not None and max(ids) >= vocab:
             raise UserError(f"{r.source}: token id {max(ids)} >= vocabulary size {vocab}")
         if max_prompt_length is not None and len(ids) > max_prompt_length:

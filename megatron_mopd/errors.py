@@ -16,3 +16,8 @@ class ConfigError(UserError):
 
 class TeacherError(UserError):
     """A teacher or inference server failed (down, timed out, or answered malformed data)."""
+
+
+class RunStopped(UserError):
+    """The run stopped on purpose, on every rank at once (a teacher failed, too many
+    non-finite steps in a row). Rank 0 reports it; the other ranks exit quietly."""

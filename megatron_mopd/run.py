@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,15 @@ def step_seed(seed: int, step: int, what: str = "rollout") -> int:
     """A deterministic seed for one stage of one step (independent of RNG state)."""
     digest = hashlib.blake2b(f"{what}:{seed}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
+
+
+@dataclass
+class StepFailure:
+    """What the driver broadcasts instead of a batch when a step's rollouts or teacher
+    scores failed: every rank then stops together, training nothing on that step."""
+
+    step: int
+    message: str
 
 
 class Prompts:
@@ -67,6 +77,9 @@ class Run:
         self.tokenizer = None
         self.nonfinite_in_row = 0
         self.saved_step: int | None = None
+        # the sampler's state after the prompts of the last *trained* step (a failed step
+        # has drawn its prompts already; a checkpoint must not skip them)
+        self._trained_sampler_state: dict | None = None
         self.progress = None
         self._last_eval: dict[str, float] = {}
         self._t_start = time.time()
@@ -74,12 +87,24 @@ class Run:
     # ---------------------------------------------------------------- set-up
     @classmethod
     def create(cls, cfg: Config, env: Any) -> Run:
-        """Build every piece; user errors surface here, before any training."""
+        """Build every piece; user errors surface here, before any training (what was
+        built already is closed again)."""
+        run = cls(cfg, env)
+        try:
+            run._build()
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def _build(self) -> None:
+        """Run directory, checkpoint manager, pre-flight (driver), student, data, driver."""
         from megatron_mopd.checkpoint import CheckpointManager
         from megatron_mopd.logger import MetricsLogger
         from megatron_mopd.student.actor import Student
+        from megatron_mopd.teachers.preflight import run_preflight
 
-        run = cls(cfg, env)
+        run, cfg, env = self, self.cfg, self.env
         if not cfg.data.train_path:
             raise UserError("data.train_path is not set: MOPD needs a JSONL prompt dataset")
         run.logger = MetricsLogger(
@@ -96,12 +121,13 @@ class Run:
             cfg.checkpoint.dir or os.path.join(run.run_dir, "checkpoints"),
             keep_last=cfg.checkpoint.keep_last,
         )
+        if run.is_driver:  # datasets, teachers and tokenizers, before the (slow) student build
+            run_preflight(cfg, offline=False, wait_for_servers=True)
         run.student = Student.create(cfg, env)
         run.tokenizer = run.student.tokenizer
         run._build_data()
         if run.is_driver:
             run._build_driver()
-        return run
 
     def _build_data(self) -> None:
         from megatron_mopd.teachers.router import check_domains
@@ -114,6 +140,7 @@ class Run:
             records, self.tokenizer, cfg.data.apply_chat_template, cfg.data.max_prompt_length
         )
         self.data = Prompts(records, ids, cfg.train.seed, cfg.data.shuffle)
+        self._trained_sampler_state = self.data.sampler.state()
         if cfg.data.eval_path:
             erecs = load_prompts(cfg.data.eval_path, need_answer=need_answer)
             eids = tokenize_prompts(
@@ -133,11 +160,9 @@ class Run:
 
     def _build_driver(self) -> None:
         from megatron_mopd.rollout.factory import build_rollout_engine
-        from megatron_mopd.teachers.preflight import run_preflight
         from megatron_mopd.teachers.router import TeacherRouter
 
         cfg = self.cfg
-        run_preflight(cfg, offline=False, wait_for_servers=True)
         self.router = TeacherRouter.from_config(cfg)
         self.engine = build_rollout_engine(cfg, hf_path=self.student.hf_dir)
         if cfg.logging.progress_bar:
@@ -293,6 +318,7 @@ class Run:
 
         finite = is_finite_metrics(metrics)
         self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+        self._trained_sampler_state = self.data.sampler.state()
         if not self.is_driver:
             return metrics
         tokens = int(batch.mask_B_T.sum().item())
@@ -336,7 +362,7 @@ class Run:
         """The driver's resumable state besides model and optimizer."""
         return {
             "step": step,
-            "sampler": self.data.sampler.state(),
+            "sampler": self._trained_sampler_state,
             "weight_version": getattr(self.engine, "weight_version", None),
             "nonfinite_in_row": self.nonfinite_in_row,
             "time": time.time(),
@@ -359,14 +385,35 @@ class Run:
         self.ckpt.save(step, write)
         self.saved_step = step
 
-    def save_on_failure(self) -> None:
-        """Best effort: keep the newest trained state when a teacher fails mid-run."""
-        step = self.student.step
-        if step and self.saved_step != step:
+    def save_on_failure(self, collective: bool = False) -> str:
+        """Best effort: keep the newest trained state when a teacher fails mid-run.
+
+        Saving is collective: with several ranks it is only attempted when every rank got
+        here together (`collective`, see `stop_after_failure`); otherwise the other ranks
+        are inside another collective and the newest periodic checkpoint is what remains.
+        Returns a sentence saying which checkpoint a restart resumes from.
+        """
+        step = self.student.step if self.student is not None else 0
+        if step and self.saved_step != step and (collective or self.env.world_size == 1):
             try:
                 self.save(step)
             except Exception as e:  # the original error matters more
                 print(f"could not save a checkpoint after the failure: {e}", file=sys.stderr)
+        if self.saved_step:
+            return (
+                f"checkpoint of step {self.saved_step} in {self.ckpt.root}: run the same "
+                "command again to resume from it"
+            )
+        return "no checkpoint was saved (no step was trained)"
+
+    def stop_after_failure(self, failure: StepFailure) -> None:
+        """Every rank, on the driver's `StepFailure`: save the last trained step, then raise
+        (`TeacherError` on the driver, which reports it; `RunStopped` elsewhere)."""
+        from megatron_mopd.errors import RunStopped, TeacherError
+
+        where = self.save_on_failure(collective=True)
+        message = f"step {failure.step} failed and was not trained: {failure.message}; {where}"
+        raise (TeacherError if self.is_driver else RunStopped)(message)
 
     def resume_or_start(self) -> int:
         """Load the newest valid checkpoint (if any) and sync weights; return its step."""
@@ -377,9 +424,11 @@ class Run:
         if info is not None:
             step = info.step
             self.student.load_state(os.path.join(info.path, "mcore"))
+            self.student.step = step
             with open(os.path.join(info.path, "trainer.json")) as f:
                 state = json.load(f)
             self.data.sampler.load_state(state["sampler"])
+            self._trained_sampler_state = self.data.sampler.state()
             self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
             self.saved_step = step
             rank_file = os.path.join(info.path, f"rank_{self.env.rank:05d}.pt")

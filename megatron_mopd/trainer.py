@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from megatron_mopd.config import Config
-from megatron_mopd.errors import TeacherError, UserError
+from megatron_mopd.errors import RunStopped, TeacherError
 
 
 @dataclass
@@ -50,15 +50,18 @@ class StepTimer:
 def train(cfg: Config) -> dict:
     """Run MOPD training as configured; returns the last step's metrics (rank 0)."""
     from megatron_mopd import distributed
-    from megatron_mopd.run import Run
-
+    from megatron_mopd.run import Run, StepFailure
     from megatron_mopd.student.load import resolve_model_config
 
     # the real architecture (read from model.hf_path) is checked against the layout
     # before any process group exists
     model_cfg = resolve_model_config(cfg.model, cfg.parallel)
     env = distributed.init_distributed(cfg.parallel, model_cfg, seed=cfg.train.seed)
-    run = Run.create(cfg, env)  # student, data, teachers, rollout engine, logger, checkpoints
+    try:
+        run = Run.create(cfg, env)  # checks every input, then student, data, teachers, engine
+    except BaseException:
+        distributed.destroy()
+        raise
     try:
         start = run.resume_or_start()  # loads the newest checkpoint, syncs weights to the engine
         if cfg.train.eval_interval and start == 0:
@@ -68,15 +71,20 @@ def train(cfg: Config) -> dict:
             timer = StepTimer()
             batch = None
             if run.is_driver:
-                with timer.stage("rollout"):
-                    prompts = run.data.next_prompts(cfg.train.prompts_per_step)
-                    rollouts = run.rollout(prompts, step)
-                with timer.stage("teacher"):
-                    scores = run.score(rollouts, prompts)
-                with timer.stage("reward"):
-                    orm = run.outcome_advantages(rollouts, prompts)
-                batch = run.make_batch(rollouts, scores, prompts, orm)
+                try:
+                    with timer.stage("rollout"):
+                        prompts = run.data.next_prompts(cfg.train.prompts_per_step)
+                        rollouts = run.rollout(prompts, step)
+                    with timer.stage("teacher"):
+                        scores = run.score(rollouts, prompts)
+                    with timer.stage("reward"):
+                        orm = run.outcome_advantages(rollouts, prompts)
+                    batch = run.make_batch(rollouts, scores, prompts, orm)
+                except TeacherError as e:  # no scores: nothing is trained on this step
+                    batch = StepFailure(step, str(e))
             batch = run.broadcast(batch)
+            if isinstance(batch, StepFailure):
+                run.stop_after_failure(batch)  # every rank: save the last trained step, raise
             with timer.stage("train"):
                 metrics = run.student.train_on(batch, cfg.loss)
             with timer.stage("weight_sync"):
@@ -87,7 +95,7 @@ def train(cfg: Config) -> dict:
             last = run.log_step(step, metrics, batch, timer.times)
             if run.should_stop_nonfinite(metrics):
                 run.save(step)
-                raise UserError(
+                raise RunStopped(
                     f"stopped at step {step}: {cfg.train.max_consecutive_nonfinite} steps in a "
                     "row had a non-finite loss or gradient (see metrics.jsonl)"
                 )
@@ -101,7 +109,7 @@ def train(cfg: Config) -> dict:
             run.export_hf(os.path.join(run.run_dir, "hf_final"))
         return last
     except TeacherError:
-        run.save_on_failure()  # a teacher failed mid-run: keep what was trained, then stop
+        run.save_on_failure()  # e.g. weight sync failed (single process): keep what was trained
         raise
     finally:
         run.close()

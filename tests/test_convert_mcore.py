@@ -5,8 +5,8 @@ The commands run for real (`mopd convert ...`, `mopd logprobs --mcore ...`) in w
 launches shared by the session (`tests/workers/mcore_cli_cases.py`):
 
 - `single` (one process, no torchrun): HF -> mcore for a tiny Qwen3-MoE and a tiny Qwen2
-  (tied embeddings), mcore -> HF of those (also sharded with an index, and in bf16), and
-  log-probs from the checkpoints at TP1;
+  (tied embeddings), and for Qwen3, Llama and Qwen2-MoE (shared expert), mcore -> HF of
+  those (also sharded with an index, and in bf16), and log-probs from the checkpoints at TP1;
 - `parallel` (torchrun, 2 processes): HF -> mcore at TP2xEP2 (ETP1) / TP2 and PP2, mcore -> HF
   of the one-process checkpoints at those layouts, log-probs at TP2, EP2 and PP2;
 - `back` (one process): mcore -> HF of the checkpoints the `parallel` launch saved;
@@ -35,6 +35,8 @@ from megatron_mopd.errors import UserError
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "mcore_cli_cases.py")
 ARCHS = ("qwen3_moe", "qwen2")
+# also round-tripped in one process (with log-probs at TP1): the other supported families
+EXTRA_ARCHS = ("qwen3", "llama", "qwen2_moe")
 TOLERANCE = 1e-5
 # layouts of the 2-process launch: name -> (arguments, architectures)
 PARALLEL_LAYOUTS = {
@@ -59,7 +61,8 @@ class ConvertRuns:
 
     def __init__(self, root: str):
         self.root = root
-        self.models = make_models(os.path.join(root, "models"), archs=ARCHS)
+        self.models = make_models(os.path.join(root, "models"), archs=ARCHS + EXTRA_ARCHS[:2])
+        self.models["qwen2_moe"] = make_qwen2_moe(os.path.join(root, "models", "qwen2_moe"))
         self.input = write_input(os.path.join(root, "input.jsonl"))
         self._done: dict[str, dict] = {}
         self._failed: dict[str, str] = {}
@@ -96,9 +99,9 @@ class ConvertRuns:
 
     def single(self) -> dict:
         steps = []
-        for arch in ARCHS:
+        for arch in ARCHS + EXTRA_ARCHS:
             steps.append(_convert_to_mcore(f"to-mcore-{arch}", self.models[arch], self.mcore(arch)))
-        for arch in ARCHS:
+        for arch in ARCHS + EXTRA_ARCHS:
             steps.append(_convert_to_hf(f"to-hf-{arch}", self.mcore(arch), self.path("hf", arch)))
             steps.append(self._logprobs("tp1", arch, []))
         steps.append(
@@ -198,6 +201,47 @@ class ConvertRuns:
         return self._references[arch]
 
 
+def make_qwen2_moe(out_dir: str) -> str:
+    """A tiny Qwen2-MoE (QKV bias, 4 experts top-2 without renormalisation, a sigmoid-gated
+    shared expert) with a character tokenizer (`tiny.py` has no builder for it)."""
+    import transformers
+
+    from megatron_mopd.tiny import make_char_tokenizer
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.1 * torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + scale if "norm" in name else scale)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    make_char_tokenizer(out_dir, vocab_size=128)
+    return out_dir
+
+
 def _convert_to_mcore(name: str, hf: str, out: str, args: list[str] | None = None) -> dict:
     argv = ["convert", "hf-to-mcore", "--hf", hf, "--out", out, *(args or [])]
     return {"name": name, "argv": argv}
@@ -268,7 +312,7 @@ def assert_same_hf_folder(src: str, out: str, dtype: torch.dtype | None = None) 
 # one process
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + EXTRA_ARCHS)
 def test_round_trip_one_process(runs: ConvertRuns, arch: str):
     runs.single()
     assert_same_hf_folder(runs.models[arch], runs.path("hf", arch))
@@ -333,7 +377,7 @@ def test_exported_model_computes_the_same_logits(runs: ConvertRuns):
 
 
 def _logprob_cases() -> list:
-    params = [pytest.param("tp1", arch, id=f"tp1-{arch}") for arch in ARCHS]
+    params = [pytest.param("tp1", arch, id=f"tp1-{arch}") for arch in ARCHS + EXTRA_ARCHS]
     for layout, (_, archs) in LOGPROB_LAYOUTS.items():
         for arch in archs:
             params.append(

@@ -61,7 +61,7 @@ def test_tokenize_prompts(tmp_path):
     tok = make_char_tokenizer(str(tmp_path / "tok"))
     p = _write(tmp_path / "d.jsonl", [json.dumps({"prompt": "12+3=", "domain": "add"})])
     ids = tokenize_prompts(load_prompts(p), tok)[0]
-    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]).replace(" ", "") == "12+3="
+    assert tok.decode(ids) == "12+3="  # the char tokenizer adds no special tokens
     with pytest.raises(UserError, match="max_prompt_length"):
         tokenize_prompts(load_prompts(p), tok, max_prompt_length=3)
 

@@ -10,6 +10,7 @@ The same as `mopd convert hf-to-mcore` (see `megatron_mopd.convert.mcore.hf_to_m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             params_dtype=args.dtype,
             tokenizer_dir=args.tokenizer,
         )
-    except UserError as e:
-        print(f"convert_hf_to_mcore: error: {e}", file=sys.stderr, flush=True)
+    except UserError as e:  # raised alike on every rank: said once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"convert_hf_to_mcore: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"wrote {out}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {out}", flush=True)
     return 0
 
 

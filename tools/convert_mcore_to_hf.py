@@ -9,6 +9,7 @@ The same as `mopd convert mcore-to-hf` (see `megatron_mopd.convert.mcore.mcore_t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -35,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_dir=args.tokenizer,
             max_shard_bytes=parse_size(args.max_shard_size),
         )
-    except UserError as e:
-        print(f"convert_mcore_to_hf: error: {e}", file=sys.stderr, flush=True)
+    except UserError as e:  # raised alike on every rank: said once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"convert_mcore_to_hf: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"wrote {out}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {out}", flush=True)
     return 0
 
 

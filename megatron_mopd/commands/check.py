@@ -214,6 +214,17 @@ def _check_server(
     return f"{what}; {how}"
 
 
+def _check_teacher_server(
+    url: str, name: str, tcfg: Any, student_tok: Any, wait: float
+) -> str | tuple[Status, str]:
+    """`_check_server` for a teacher; a failure also names the domains it scores."""
+    try:
+        return _check_server(url, name, "teacher", student_tok, tcfg.timeout_seconds, wait)
+    except UserError as e:
+        domains = ", ".join(map(repr, tcfg.domains)) or "none (the default teacher)"
+        raise type(e)(f"{e} (the teacher of domain(s) {domains})") from None
+
+
 def run_preflight(
     cfg: Any,
     offline: bool = False,
@@ -265,13 +276,8 @@ def run_preflight(
                 continue
             report.run(
                 f"teacher {name!r}",
-                lambda n=name, u=url, t=tcfg: _check_server(
-                    u,
-                    n,
-                    "teacher",
-                    student_tok,
-                    t.timeout_seconds,
-                    t.startup_timeout_seconds if wait_for_servers else 0.0,
+                lambda n=name, u=url, t=tcfg: _check_teacher_server(
+                    u, n, t, student_tok, t.startup_timeout_seconds if wait_for_servers else 0.0
                 ),
             )
 

@@ -226,6 +226,7 @@ def hf_config_dict(model_cfg: ModelConfig, dtype: str = "float32") -> dict[str, 
         rms_norm_eps=model_cfg.layernorm_epsilon,
         tie_word_embeddings=not model_cfg.untie_embeddings_and_output_weights,
         torch_dtype=dtype,
+        dtype=dtype,  # transformers >= 4.56 reads `dtype` before `torch_dtype`
     )
     if mt == "qwen2_moe":
         out["qkv_bias"] = model_cfg.add_qkv_bias

@@ -452,6 +452,25 @@ def save_mcore_checkpoint(
     return out_dir
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a dist_checkpointing load raises for a folder that does not fit."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # torch's CheckpointException derives from BaseException (it wraps each rank's error)
+    return (CheckpointingException, CheckpointException, KeyError, RuntimeError, ValueError)
+
+
+def load_error_text(e: BaseException) -> str:
+    """One line describing a failed dist_checkpointing load (the first rank's own error for
+    torch's wrapped `CheckpointException`)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    return " ".join(str(e).split())[:500]
+
+
 def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike) -> None:
     """Fill this rank's model chunks from the Megatron checkpoint in `mcore_dir`.
 
@@ -462,7 +481,6 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     model.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     mcore_dir = os.fspath(mcore_dir)
     read_mcore_metadata(mcore_dir)  # every rank sees the same shared folder
@@ -471,30 +489,10 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     try:
         with dist_checkpointing_io():
             loaded = dist_checkpointing.load(sharded, mcore_dir)
-    except (CheckpointingException, KeyError, RuntimeError, ValueError) as e:
-        msg = str(e).replace("\n", " ")
-        error = f"Megatron checkpoint {mcore_dir}: cannot load it into this model: {msg[:500]}"
+    except load_errors() as e:
+        error = f"Megatron checkpoint {mcore_dir}: does not fit this model: {load_error_text(e)}"
     _all_ok(error)
     load_model_state(model_chunks, loaded)
-
-
-# --------------------------------------------------------------------------------------
-# building the student from a checkpoint
-
-
-def build_student_from_mcore(
-    model_cfg: ModelConfig, parallel_cfg: ParallelConfig
-) -> tuple[list[Any], ModelConfig]:
-    """`student.load.build_student` for `model_cfg.mcore_path`: read the architecture from
-    the checkpoint (dtype and implementation kept from `model_cfg`), check the layout against
-    it, build this rank's chunks and load the weights. Needs `init_distributed` first."""
-    from megatron_mopd.student.model import build_model
-
-    resolved = read_mcore_config(model_cfg.mcore_path, base=model_cfg)
-    check_layout(resolved, parallel_cfg)
-    chunks = build_model(resolved, parallel_cfg, init_params=False)
-    load_mcore_checkpoint(chunks, resolved.mcore_path)
-    return chunks, resolved
 
 
 # --------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ class Student:
         """Model, optimizer and LR schedule to `out_dir` (collective)."""
         from megatron_mopd.student.state import save_training_state
 
-        save_training_state(self.model_chunks, self.optimizer, self.scheduler, out_dir)
+        save_training_state(
+            self.model_chunks, self.optimizer, self.scheduler, out_dir, model_cfg=self.model_cfg
+        )
 
     def load_state(self, in_dir: str) -> None:
         """Load what `save_state` wrote, at any layout (collective)."""

@@ -8,8 +8,9 @@ folder that resumes at another parallel layout.
 Collective: every rank calls both. The folder holds (megatron-core torch_dist format):
 
 - the model: `model.sharded_state_dict()`, keyed by megatron-core's global tensor names (the
-  same keys as `convert.mcore` checkpoints, so `load_mcore_checkpoint` and
-  `mopd convert mcore-to-hf` read the model part of a training checkpoint too);
+  same keys as `convert.mcore` checkpoints: saved with `model_cfg`, the folder also gets
+  `mopd_model.json`, and `load_mcore_checkpoint` and `mopd convert mcore-to-hf` read its
+  model part);
 - the optimizer: Adam's moments (and fp32 main parameters with bf16/fp16 models) in model
   space. With the distributed optimizer they are saved `fully_reshardable` (gathered over DP
   at save, each rank reading its slice at load), the one distributed-optimizer format that
@@ -18,9 +19,12 @@ Collective: every rank calls both. The folder holds (megatron-core torch_dist fo
 - the LR scheduler's state and a small description, as common (rank-0) state.
 
 torch's Adam (used when neither Apex nor Transformer Engine is installed, e.g. on CPU) keeps a
-per-parameter `step` tensor that megatron's distributed optimizer expects to exist: it is
-created (as a fresh optimizer would) before saving or loading an optimizer that has not
-stepped yet, and the loaded step is the checkpoint's.
+per-parameter `step` tensor, which megatron-core 0.16.1 handles in three wrong ways, all
+worked around here: its distributed optimizer expects it to exist (an optimizer that has not
+stepped yet gets the state a first step creates), its fully_reshardable load copies it from
+a checkpoint that does not hold it (KeyError 'step'), and its `load_state_dict` gives every
+parameter the same step tensor, which Adam then increments once per parameter (wrong bias
+correction after a resume). See `load_optimizer_state`.
 
 What is *not* here, because the run-level checkpoint (`run.py` with `checkpoint.py`) saves it
 beside this folder: the step counter, RNG states, data position, rollout weight version.
@@ -251,9 +255,13 @@ def load_training_state(
             "did not finish)"
         )
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from megatron_mopd.convert.mcore import dist_checkpointing_io, load_model_state
+    from megatron_mopd.convert.mcore import (
+        dist_checkpointing_io,
+        load_error_text,
+        load_errors,
+        load_model_state,
+    )
 
     common = dist_checkpointing.load_common_state_dict(in_dir)
     info = common.get("mopd_state") or {}
@@ -271,9 +279,10 @@ def load_training_state(
     try:
         with dist_checkpointing_io():
             loaded = dist_checkpointing.load(state, in_dir)
-    except CheckpointingException as e:
-        msg = str(e).replace("\n", " ")[:500]
-        raise UserError(f"training checkpoint {in_dir}: does not fit this model: {msg}") from None
+    except load_errors() as e:
+        raise UserError(
+            f"training checkpoint {in_dir}: does not fit this model: {load_error_text(e)}"
+        ) from None
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"], info)

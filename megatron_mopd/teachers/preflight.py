@@ -28,6 +28,7 @@ lives in `commands/check.py` and is re-exported here for the trainer.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from megatron_mopd.errors import TeacherError, UserError
 
 SPECIAL_ATTRS = ("bos", "eos", "pad", "unk")
 _POLL_SECONDS = 1.0  # between /health_generate attempts while waiting for a server
+_CONNECT_SECONDS = 10.0  # connect timeout of those attempts
 
 BASE_PROBES = (
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -200,9 +202,12 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
 
     base = url.rstrip("/")
     deadline = time.monotonic() + wait_seconds
+    # an unroutable host must not hold a short wait for the whole request timeout
+    http_timeout = httpx.Timeout(timeout, connect=min(timeout, _CONNECT_SECONDS))
+    said = False
     while True:
         try:
-            r = httpx.get(f"{base}/health_generate", timeout=timeout)
+            r = httpx.get(f"{base}/health_generate", timeout=http_timeout)
             if r.status_code == 200:
                 break
             hint = " (the server is starting or unhealthy)" if r.status_code == 503 else ""
@@ -212,6 +217,13 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
         if time.monotonic() >= deadline:
             waited = f" (waited {wait_seconds:g} s)" if wait_seconds > 0 else ""
             raise TeacherError(f"{error}{waited}")
+        if not said:  # a silent wait of minutes looks like a hang
+            print(
+                f"waiting up to {wait_seconds:g} s for {base} to become healthy ({error})",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
         time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     try:
         r = httpx.get(f"{base}/model_info", timeout=timeout)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mopd.tiny import tiny_hf_config
-from megatron_mopd.toy.tasks import Example, accuracy, response_text
+from megatron_mopd.toy.tasks import Example, accuracy, response_text, with_mistakes
 
 SETTINGS_FILE = "mopd_toy_sft.json"
 
@@ -78,6 +78,10 @@ class SFTConfig:
     eval_interval: int = 200
     target_accuracy: float = 1.01  # stop once every domain reaches this (> 1: never)
     init_from: str | None = None  # an HF folder to start from instead of random weights
+    # Probability that an affected example is replaced by its systematic mistake
+    # (`tasks.mistake`), drawn afresh in every batch, so the model learns the mixture
+    # (right answer with probability 1 - rate) instead of memorising which are wrong.
+    mistake_rate: float = 0.0
 
 
 @dataclass
@@ -288,6 +292,8 @@ def train_sft(
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=gen).tolist(), 0
         batch = [train[j] for j in order[cursor : cursor + cfg.batch_size]]
+        if cfg.mistake_rate > 0:
+            batch = with_mistakes(batch, cfg.mistake_rate, seed=cfg.seed * 1_000_003 + step)
         cursor += cfg.batch_size
         for g in opt.param_groups:
             g["lr"] = lr_at(step - 1, cfg)

@@ -5,7 +5,7 @@
                               {"name": "tp1", "load": "a", "start": 2}, ...]'
 
 Every case builds the tiny MoE student (Qwen3-MoE-like, 4 experts) at its layout (with the
-distributed optimizer unless `"distopt": false`), an LR schedule with warmup and cosine
+distributed optimizer unless `"distopt": false`; `"dtype": "bf16"` for bf16 parameters), an LR schedule with warmup and cosine
 decay, and runs train steps on fixed global batches (each DP rank its share; the loss
 scales every sequence by 1 / global number of sequences, so the summed loss is layout
 independent). Batch k is the same everywhere.
@@ -96,7 +96,9 @@ def run_case(case: dict, ckpt_root: str) -> dict:
     saving = "save" in case
     ckpt_dir = os.path.join(ckpt_root, case["save"] if saving else case["load"])
     start_step = case["start"]
-    model_cfg = MODEL if saving else replace(MODEL, seed=MODEL.seed + 1)
+    model_cfg = replace(MODEL, params_dtype=case.get("dtype", "fp32"))
+    if not saving:
+        model_cfg = replace(model_cfg, seed=MODEL.seed + 1)
     layout = distributed.init_distributed(parallel, model_cfg, seed=0)
     chunks = wrap_ddp(build_model(model_cfg, parallel), parallel)
     optimizer, scheduler = build_optimizer(chunks, TRAIN, parallel)

@@ -1,0 +1,540 @@
+"""`mopd train` end to end on tiny models: bad inputs, failures mid-run, kill and resume.
+
+The recipe is the one of `/tmp/e2e`-style runs: a tiny Qwen3-MoE student, two embedded
+teachers (domains `add` and `rev`), a 40-line JSONL dataset, 4 prompts x 2 samples a
+step, an embedded rollout engine.
+
+Default run (about 2 minutes on 2 cores):
+
+- bad inputs (in this process, through `cli.main`): each is exit code 2 with one error
+  line and no traceback, before any training (no metrics row, no checkpoint);
+- a teacher served by `mopd serve` and stopped after step 2: the scoring request is
+  retried per the teacher's `max_retries`, then the run stops naming the teacher, with
+  no metrics row for the failed step and a checkpoint of the last trained step whose
+  prompt sampler has not skipped the failed step's prompts;
+- non-finite steps (a reward function returning NaN with `loss.alpha > 0`: the GRPO
+  advantage, hence the loss and every gradient, is NaN; no hook in the product code):
+  logged with `skipped: true`, and the run stops after `train.max_consecutive_nonfinite`
+  in a row, with a checkpoint;
+- SIGKILL after the first checkpoint, then the same command again: the metrics of every
+  step equal those of an uninterrupted run *exactly* (all logged numbers but wall times
+  and throughput). Exact, not within a tolerance: on one process with one thread the
+  resumed run does the same float operations on the same values (model, Adam moments and
+  step count, LR schedule, prompt sampler, and rollout seeds derived from (seed, step)),
+  so any difference is a resume bug, not noise.
+
+Slow: the same kill-and-resume under torchrun with 2 ranks (EP2; the uninterrupted run is
+launched through `tools/launch.sh`), and a checkpoint written at world size 1 resumed
+with 2 ranks as DP2 and as EP2: the later steps match the uninterrupted single-process
+run within 1e-5 (gradient reductions are summed in another order; exact equality is not
+expected there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_mopd.cli import main
+from megatron_mopd.tiny import make_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+PROMPTS_PER_STEP = 4
+# logged values that measure wall time: never compared between runs
+TIMING_KEYS = ("time/", "tokens_per_s")
+
+
+# --------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+def _dataset_lines() -> list[dict]:
+    rows = []
+    for i in range(20):
+        rows.append({"prompt": f"{i}+{i}=", "domain": "add", "answer": str(2 * i)})
+        rows.append({"prompt": f"rev:ab{i}=", "domain": "rev", "answer": f"ab{i}"[::-1]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    """The models and the dataset, built once for the module."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _dataset_lines()))
+    return {
+        "root": str(root),
+        "student": make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=0),
+        "t_add": make_tiny_hf_model("qwen3_moe", str(root / "t_add"), seed=1),
+        "t_rev": make_tiny_hf_model("qwen3", str(root / "t_rev"), seed=2),
+        "data": str(data),
+    }
+
+
+def make_recipe(tiny: dict[str, str], run_dir: str | os.PathLike, **sections) -> dict:
+    """The tiny recipe as a dict; `sections` extend its top-level sections (`teachers`
+    is replaced as a whole)."""
+    raw = {
+        "run_dir": str(run_dir),
+        "model": {"hf_path": tiny["student"]},
+        "data": {"train_path": tiny["data"], "eval_path": tiny["data"]},
+        "rollout": {"n_samples_per_prompt": 2, "max_new_tokens": 6},
+        "teachers": {
+            "adder": {"hf_path": tiny["t_add"], "domains": ["add"]},
+            "reverser": {"hf_path": tiny["t_rev"], "domains": ["rev"]},
+        },
+        "train": {
+            "max_steps": 6,
+            "prompts_per_step": PROMPTS_PER_STEP,
+            "micro_batch_size": 2,
+            "lr": 1.0e-3,
+            "eval_interval": 3,
+            "eval_prompts": 8,
+        },
+        "checkpoint": {"interval": 2, "keep_last": 10, "save_hf": False},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    for key, value in sections.items():
+        if key != "teachers" and isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_recipe(path: str | os.PathLike, raw: dict) -> str:
+    """Write a recipe dict as YAML; returns its path."""
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def train_in_process(capsys, recipe: str, *overrides: str) -> tuple[int, str]:
+    """`mopd train` through the CLI entry point in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", recipe, *overrides])
+    return e.value.code, capsys.readouterr().err
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of `mopd` subprocesses: one thread, no warnings, repo importable."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONUNBUFFERED="1",
+        TORCH_CPP_LOG_LEVEL="ERROR",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+    )
+    env.update(extra or {})
+    return env
+
+
+def start_train(
+    recipe: str, *overrides: str, log: str | os.PathLike, nproc: int = 1
+) -> subprocess.Popen:
+    """`mopd train` in a new session (so the whole process group can be killed), output to
+    `log`; with `nproc > 1` under `torchrun --standalone`."""
+    launcher = (
+        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [PY]
+    )
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [*launcher, "-m", "megatron_mopd", "train", recipe, *overrides],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def finish(proc: subprocess.Popen, log: str | os.PathLike, timeout: float = 400) -> str:
+    """Wait for a `start_train` process; fail with its output unless it exits 0."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"mopd train timed out:\n{Path(log).read_text()[-4000:]}") from None
+    out = Path(log).read_text(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything it started (its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def metrics(run_dir: str | os.PathLike, name: str = "metrics.jsonl") -> list[dict]:
+    """The rows of a run's `metrics.jsonl` (or `eval.jsonl`)."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """The published checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p.name for p in root.glob("step_*")) if root.exists() else []
+
+
+def comparable(row: dict) -> dict:
+    """A metrics row without its wall-time fields."""
+    return {k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)}
+
+
+def assert_rows_close(got: list[dict], want: list[dict], tol: float) -> None:
+    """Same steps, same keys, every number within `tol` (absolute and relative)."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        g, w = comparable(g), comparable(w)
+        assert g.keys() == w.keys(), (g.keys() ^ w.keys(), g["step"])
+        for key, value in w.items():
+            if isinstance(value, float) and math.isfinite(value):
+                assert g[key] == pytest.approx(value, rel=tol, abs=tol), (g["step"], key)
+            else:
+                assert g[key] == value, (g["step"], key)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
+    """Poll `predicate()` until true; fail on timeout or when `proc` exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_error_line(err: str) -> str:
+    """The single `mopd train: error:` line of `err` (which holds no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sum(": error: " in line for line in lines) == 1, err
+    assert lines[-1].startswith("mopd train: error: "), err
+    return lines[-1]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------
+# bad input: one error line, exit code 2, nothing trained
+
+
+def _bad_dataset(tmp_path: Path, name: str, lines: list[str]) -> str:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_bad_inputs_fail_before_training(tiny, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny, run_dir))
+    good = json.dumps({"prompt": "1+1=", "domain": "add", "answer": "2"})
+    malformed = _bad_dataset(tmp_path, "malformed.jsonl", [good, good, '{"prompt": "2+2=", "do'])
+    no_domain = _bad_dataset(
+        tmp_path, "poetry.jsonl", [good, json.dumps({"prompt": "roses", "domain": "poetry"})]
+    )
+    port = closed_port()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory\n")
+    cases = [
+        # (overrides or a recipe, what the one error line must contain)
+        (
+            [write_recipe(tmp_path / "k.yaml", {**make_recipe(tiny, run_dir), "trian": {}})],
+            ["unknown key 'trian'"],
+        ),
+        ([recipe, "train.max_steps=many"], ["train.max_steps='many' must be an integer"]),
+        ([recipe, "train.nope=1"], ["unknown key 'train.nope'"]),
+        ([recipe, "train.max_steps"], ["is not of the form key.path=value"]),
+        (
+            [recipe, f"data.train_path={tmp_path}/missing.jsonl"],
+            [f"{tmp_path}/missing.jsonl: no such file"],
+        ),
+        ([recipe, f"data.train_path={malformed}"], [f"{malformed}:3: not valid JSON"]),
+        (
+            [recipe, f"data.eval_path={no_domain}"],
+            [f"{no_domain}:2:", "'poetry'", "no teacher"],
+        ),
+        (
+            [
+                recipe,
+                "teachers.adder.backend=sglang",
+                "teachers.adder.hf_path=null",
+                f"teachers.adder.urls=[http://127.0.0.1:{port}]",
+                "teachers.adder.startup_timeout_seconds=1",
+            ],
+            ["teacher 'adder'", f"http://127.0.0.1:{port}", "'add'", "waited 1 s"],
+        ),
+        ([recipe, f"run_dir={blocker}/run"], [f"run_dir {blocker}/run: not writable"]),
+    ]
+    for argv, needles in cases:
+        t0 = time.monotonic()
+        code, err = train_in_process(capsys, *argv)
+        line = one_error_line(err)
+        assert code == 2, (argv, err)
+        for needle in needles:
+            assert needle in line, (needle, line)
+        assert metrics(run_dir) == [] and checkpoints(run_dir) == [], argv
+        # the unreachable teacher is given up on after its startup_timeout_seconds
+        assert time.monotonic() - t0 < 60, argv
+
+
+# --------------------------------------------------------------------------------------
+# a teacher dies mid-run
+
+
+def test_teacher_dies_mid_run(tiny, tmp_path, capsys):
+    from sglang_helpers import start_serve_subprocess
+
+    server, url = start_serve_subprocess(tiny["t_add"], str(tmp_path / "serve.log"))
+    run_dir = tmp_path / "run"
+    raw = make_recipe(
+        tiny,
+        run_dir,
+        teachers={  # one teacher for both domains: one scoring request per step
+            "adder": {
+                "backend": "sglang",
+                "urls": [url],
+                "domains": ["add", "rev"],
+                "max_retries": 2,
+                "retry_backoff_seconds": 0.1,
+                "startup_timeout_seconds": 30,
+            }
+        },
+        train={"max_steps": 20, "eval_interval": 0},
+        checkpoint={"interval": 0},  # only the failure leaves a checkpoint
+    )
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+
+    def stop_after_step_2() -> None:
+        try:
+            wait_for(lambda: len(metrics(run_dir)) >= 2, 300, what="step 2")
+        finally:
+            server.stop()
+
+    killer = threading.Thread(target=stop_after_step_2, daemon=True)
+    killer.start()
+    try:
+        code, err = train_in_process(capsys, recipe)
+    finally:
+        server.stop()
+        killer.join(10)
+    line = one_error_line(err)
+    assert code == 2
+    rows = metrics(run_dir)
+    assert rows, err
+    trained = rows[-1]["step"]
+    assert [r["step"] for r in rows] == list(range(1, trained + 1)) and trained >= 2
+    assert not any(r["skipped"] for r in rows)
+    # the failed step: retried per the teacher's policy, named, and not trained
+    assert f"step {trained + 1} failed and was not trained" in line
+    assert "teacher 'adder'" in line and url in line
+    assert "failed after 3 attempt(s) (max_retries=2)" in line
+    assert f"checkpoint of step {trained}" in line
+    # the checkpoint is that of the last trained step, and its sampler has not consumed
+    # the failed step's prompts (a resume trains them)
+    assert checkpoints(run_dir) == [f"step_{trained:08d}"]
+    state = json.loads(
+        (run_dir / "checkpoints" / f"step_{trained:08d}" / "trainer.json").read_text()
+    )
+    assert state["step"] == trained
+    assert state["sampler"]["epoch"] * 40 + state["sampler"]["pos"] == trained * PROMPTS_PER_STEP
+
+
+# --------------------------------------------------------------------------------------
+# non-finite steps
+
+
+NAN_REWARDS = '''
+"""A reward that is NaN on chosen steps (8 calls per step: 4 prompts x 2 samples)."""
+import os
+
+CALLS = 0
+
+
+def reward(response: str, answer: str) -> float:
+    global CALLS
+    step = CALLS // 8 + 1
+    CALLS += 1
+    bad = {int(s) for s in os.environ["MOPD_TEST_NAN_STEPS"].split(",")}
+    return float("nan") if step in bad else float(response.strip() == answer.strip())
+'''
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tiny, tmp_path, capsys, monkeypatch):
+    (tmp_path / "nan_rewards.py").write_text(NAN_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MOPD_TEST_NAN_STEPS", "2,4,5")
+    run_dir = tmp_path / "run"
+    raw = make_recipe(
+        tiny,
+        run_dir,
+        rewards={"add": "nan_rewards:reward", "rev": "nan_rewards:reward"},
+        loss={"alpha": 1.0},
+        train={"max_steps": 8, "eval_interval": 0, "max_consecutive_nonfinite": 2},
+        checkpoint={"interval": 0},
+    )
+    code, err = train_in_process(capsys, write_recipe(tmp_path / "r.yaml", raw))
+    line = one_error_line(err)
+    assert code == 2
+    assert "stopped at step 5: 2 steps in a row had a non-finite loss or gradient" in line
+    rows = metrics(run_dir)
+    assert [(r["step"], r["skipped"]) for r in rows] == [
+        (1, False),
+        (2, True),
+        (3, False),
+        (4, True),
+        (5, True),
+    ]
+    assert all(r["loss"] == "nan" for r in rows if r["skipped"])
+    assert all(math.isfinite(r["loss"]) for r in rows if not r["skipped"])
+    # a skipped step does not move the LR schedule (warmup: lr grows only on real steps)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] == lrs[1] < lrs[2] == lrs[3] == lrs[4]
+    assert checkpoints(run_dir) == ["step_00000005"]
+
+
+# --------------------------------------------------------------------------------------
+# kill and resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory) -> tuple[Path, subprocess.Popen]:
+    """An uninterrupted single-process run of the tiny recipe (6 steps, checkpoints at
+    2, 4, 6), started in the background (it overlaps with the test that needs it);
+    `uninterrupted_done` waits for it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    recipe = write_recipe(root / "r.yaml", make_recipe(tiny, root / "run"))
+    proc = start_train(recipe, log=root / "train.log")
+    return root, proc
+
+
+def uninterrupted_done(uninterrupted: tuple[Path, subprocess.Popen]) -> Path:
+    """Wait for the `uninterrupted` run; returns its run_dir."""
+    root, proc = uninterrupted
+    if proc.returncode is None:
+        finish(proc, root / "train.log")
+    assert proc.returncode == 0
+    return root / "run"
+
+
+def test_kill_and_resume_single_process(tiny, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny, run_dir))
+    log = tmp_path / "killed.log"
+    proc = start_train(recipe, log=log)
+    try:
+        # kill it after its first checkpoint, in the middle of the next interval
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 300, proc, "checkpoint")
+        wait_for(lambda: len(metrics(run_dir)) >= 3, 300, proc, "step 3")
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = len(metrics(run_dir))
+    assert killed_at < 6
+    out = finish(start_train(recipe, log=tmp_path / "resumed.log"), tmp_path / "resumed.log")
+    assert "resuming from" in out and ("(step 2)" in out or "(step 4)" in out)
+    reference = uninterrupted_done(uninterrupted)
+    assert_rows_close(metrics(run_dir), metrics(reference), tol=0.0)
+    assert_rows_close(metrics(run_dir, "eval.jsonl"), metrics(reference, "eval.jsonl"), tol=0.0)
+    assert checkpoints(run_dir) == checkpoints(reference)
+
+
+# --------------------------------------------------------------------------------------
+# slow: several ranks
+
+
+def _launch_script(recipe: str, log: Path, *overrides: str) -> subprocess.Popen:
+    """`tools/launch.sh RECIPE` on one node with 2 processes (c10d rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = subprocess_env(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "NNODES": "1",
+            "NODE_RANK": "0",
+            "NPROC_PER_NODE": "2",
+        }
+    )
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            ["bash", str(REPO / "tools" / "launch.sh"), recipe, *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_kill_and_resume_two_ranks(tiny, tmp_path):
+    """EP2 on 2 ranks: killed after its first checkpoint and restarted, it logs exactly
+    what an uninterrupted EP2 run (started with tools/launch.sh) logs."""
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    base_recipe = write_recipe(tmp_path / "b.yaml", make_recipe(tiny, base_dir))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny, run_dir))
+    base = _launch_script(base_recipe, tmp_path / "base.log", "parallel.ep=2")
+    proc = start_train(recipe, "parallel.ep=2", log=tmp_path / "killed.log", nproc=2)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, proc, "checkpoint")
+        wait_for(lambda: len(metrics(run_dir)) >= 3, 600, proc, "step 3")
+    finally:
+        kill_group(proc)
+    assert len(metrics(run_dir)) < 6
+    log = tmp_path / "resumed.log"
+    out = finish(start_train(recipe, "parallel.ep=2", log=log, nproc=2), log, timeout=600)
+    assert "resuming from" in out
+    finish(base, tmp_path / "base.log", timeout=600)
+    assert_rows_close(metrics(run_dir), metrics(base_dir), tol=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.ep=1"], ids=["ep2", "dp2"])
+def test_resume_at_another_layout(tiny, tmp_path, uninterrupted, layout):
+    """A checkpoint of the single-process run (step 2) resumed by 2 ranks continues with
+    the same metrics within 1e-5."""
+    reference = uninterrupted_done(uninterrupted)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002")  # resume from step 2
+    raw = make_recipe(tiny, run_dir)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    log = tmp_path / "resumed.log"
+    out = finish(start_train(recipe, layout, log=log, nproc=2), log, timeout=600)
+    assert "(step 2)" in out
+    assert_rows_close(metrics(run_dir), metrics(reference), tol=1e-5)
