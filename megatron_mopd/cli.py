@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         # under torchrun every rank usually hits the same user error: say it once
         rank = os.environ.get("RANK", "0")
-        if rank == "0" or not isinstance(e, ConfigError | RunStopped):
+        if isinstance(e, RunStopped) and e.reported:
+            pass  # said by rank 0 before any rank exited
+        elif rank == "0" or not isinstance(e, ConfigError | RunStopped):
             prefix = "" if rank == "0" else f"[rank {rank}] "
             print(f"{prefix}mopd {args.verb}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -20,4 +20,9 @@ class TeacherError(UserError):
 
 class RunStopped(UserError):
     """The run stopped on purpose, on every rank at once (a teacher failed, too many
-    non-finite steps in a row). Rank 0 reports it; the other ranks exit quietly."""
+    non-finite steps in a row). Rank 0 reports it (already, when `reported`: under
+    torchrun the first rank to exit gets the others killed); the other ranks exit quietly."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported

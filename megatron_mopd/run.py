@@ -45,17 +45,40 @@ class StepFailure:
 
 
 class Prompts:
-    """The training prompts (tokenised) and their resumable sampler."""
+    """The training prompts (tokenised) and their resumable sampler.
+
+    `draws` counts the calls of `next_prompts` (one per step, set to the step on resume),
+    so a checkpoint of step `s` can store the sampler as it was after `s` draws even when
+    step `s + 1` has drawn its prompts and then failed (`state_after`).
+    """
 
     def __init__(self, records: list[PromptRecord], ids: list[list[int]], seed: int, shuffle: bool):
         self.records = records
         self.ids = ids
         self.sampler = PromptSampler(len(records), seed, shuffle)
         self.domains = sorted({r.domain for r in records})
+        self.draws = 0
+        self._before_last_draw = self.sampler.state()
 
     def next_prompts(self, k: int) -> list[int]:
         """Indices of the next `k` prompts."""
+        self._before_last_draw = self.sampler.state()
+        self.draws += 1
         return self.sampler.next(k)
+
+    def state_after(self, draws: int) -> dict:
+        """The sampler's state after `draws` draws (the current one or the one before)."""
+        if draws == self.draws:
+            return self.sampler.state()
+        if draws == self.draws - 1:
+            return self._before_last_draw
+        raise ValueError(f"sampler state after {draws} draws is gone (now at {self.draws})")
+
+    def resumed_at(self, state: dict, draws: int) -> None:
+        """Continue from a checkpoint's sampler `state`, taken after `draws` draws."""
+        self.sampler.load_state(state)
+        self.draws = draws
+        self._before_last_draw = self.sampler.state()
 
 
 class Run:
@@ -77,9 +100,6 @@ class Run:
         self.tokenizer = None
         self.nonfinite_in_row = 0
         self.saved_step: int | None = None
-        # the sampler's state after the prompts of the last *trained* step (a failed step
-        # has drawn its prompts already; a checkpoint must not skip them)
-        self._trained_sampler_state: dict | None = None
         self.progress = None
         self._last_eval: dict[str, float] = {}
         self._t_start = time.time()
@@ -140,7 +160,6 @@ class Run:
             records, self.tokenizer, cfg.data.apply_chat_template, cfg.data.max_prompt_length
         )
         self.data = Prompts(records, ids, cfg.train.seed, cfg.data.shuffle)
-        self._trained_sampler_state = self.data.sampler.state()
         if cfg.data.eval_path:
             erecs = load_prompts(cfg.data.eval_path, need_answer=need_answer)
             eids = tokenize_prompts(
@@ -318,7 +337,6 @@ class Run:
 
         finite = is_finite_metrics(metrics)
         self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
-        self._trained_sampler_state = self.data.sampler.state()
         if not self.is_driver:
             return metrics
         tokens = int(batch.mask_B_T.sum().item())
@@ -362,7 +380,8 @@ class Run:
         """The driver's resumable state besides model and optimizer."""
         return {
             "step": step,
-            "sampler": self._trained_sampler_state,
+            # a failed step has drawn its prompts already: a resume must not skip them
+            "sampler": self.data.state_after(step),
             "weight_version": getattr(self.engine, "weight_version", None),
             "nonfinite_in_row": self.nonfinite_in_row,
             "time": time.time(),
@@ -407,13 +426,24 @@ class Run:
         return "no checkpoint was saved (no step was trained)"
 
     def stop_after_failure(self, failure: StepFailure) -> None:
-        """Every rank, on the driver's `StepFailure`: save the last trained step, then raise
-        (`TeacherError` on the driver, which reports it; `RunStopped` elsewhere)."""
-        from megatron_mopd.errors import RunStopped, TeacherError
-
+        """Every rank, on the driver's `StepFailure`: save the last trained step, then stop."""
         where = self.save_on_failure(collective=True)
-        message = f"step {failure.step} failed and was not trained: {failure.message}; {where}"
-        raise (TeacherError if self.is_driver else RunStopped)(message)
+        self.stop(f"step {failure.step} failed and was not trained: {failure.message}; {where}")
+
+    def stop(self, message: str) -> None:
+        """Every rank together: the driver reports `message` on stderr, then all raise
+        `RunStopped`. The report comes first because under torchrun the first rank to exit
+        gets the others killed, the driver maybe before it could say why."""
+        from megatron_mopd.errors import RunStopped
+
+        if self.is_driver:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+            print(f"mopd train: error: {message}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        raise RunStopped(message, reported=True)
 
     def resume_or_start(self) -> int:
         """Load the newest valid checkpoint (if any) and sync weights; return its step."""
@@ -427,8 +457,7 @@ class Run:
             self.student.step = step
             with open(os.path.join(info.path, "trainer.json")) as f:
                 state = json.load(f)
-            self.data.sampler.load_state(state["sampler"])
-            self._trained_sampler_state = self.data.sampler.state()
+            self.data.resumed_at(state["sampler"], step)
             self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
             self.saved_step = step
             rank_file = os.path.join(info.path, f"rank_{self.env.rank:05d}.pt")

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from megatron_mopd.config import Config
-from megatron_mopd.errors import RunStopped, TeacherError
+from megatron_mopd.errors import TeacherError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def train(cfg: Config) -> dict:
             last = run.log_step(step, metrics, batch, timer.times)
             if run.should_stop_nonfinite(metrics):
                 run.save(step)
-                raise RunStopped(
+                run.stop(
                     f"stopped at step {step}: {cfg.train.max_consecutive_nonfinite} steps in a "
                     "row had a non-finite loss or gradient (see metrics.jsonl)"
                 )

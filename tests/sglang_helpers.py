@@ -109,6 +109,9 @@ def start_router(worker_urls: list[str], log_path: str) -> tuple[Proc | None, st
     proc = Proc(
         [PY, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls]
         + ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port)]
+        # its metrics exporter binds 0.0.0.0:29000 by default: loopback, and a port of its
+        # own so that two routers (or another user's) can run at once
+        + ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
         + ["--log-level", "warn"],
         log_path,
     )

@@ -1,13 +1,16 @@
 """`mopd train` end to end on tiny models: bad inputs, failures mid-run, kill and resume.
 
-The recipe is the one of `/tmp/e2e`-style runs: a tiny Qwen3-MoE student, two embedded
-teachers (domains `add` and `rev`), a 40-line JSONL dataset, 4 prompts x 2 samples a
-step, an embedded rollout engine.
+The recipe (`make_recipe`): a tiny Qwen3-MoE student, two embedded teachers (domains
+`add` and `rev`), a 40-line JSONL dataset, 4 prompts x 2 samples a step, an embedded
+rollout engine, the distributed optimizer, checkpoints every 2 steps.
 
-Default run (about 2 minutes on 2 cores):
+Default run (1-1.5 minutes on 2 cores):
 
 - bad inputs (in this process, through `cli.main`): each is exit code 2 with one error
-  line and no traceback, before any training (no metrics row, no checkpoint);
+  line and no traceback, before any training (no metrics row, no checkpoint); an
+  unreachable teacher is given up on after its `startup_timeout_seconds`;
+- the GPU recipe's topology in small: teacher and rollout servers (our SGLang-compatible
+  server) each behind the real sglang-router, weights synced through disk;
 - a teacher served by `mopd serve` and stopped after step 2: the scoring request is
   retried per the teacher's `max_retries`, then the run stops naming the teacher, with
   no metrics row for the failed step and a checkpoint of the last trained step whose
@@ -16,18 +19,21 @@ Default run (about 2 minutes on 2 cores):
   advantage, hence the loss and every gradient, is NaN; no hook in the product code):
   logged with `skipped: true`, and the run stops after `train.max_consecutive_nonfinite`
   in a row, with a checkpoint;
-- SIGKILL after the first checkpoint, then the same command again: the metrics of every
-  step equal those of an uninterrupted run *exactly* (all logged numbers but wall times
-  and throughput). Exact, not within a tolerance: on one process with one thread the
-  resumed run does the same float operations on the same values (model, Adam moments and
-  step count, LR schedule, prompt sampler, and rollout seeds derived from (seed, step)),
-  so any difference is a resume bug, not noise.
+- SIGKILL after the first checkpoint, then the same command again: the metrics (and
+  eval) rows of every step equal those of an uninterrupted run *exactly* (all logged
+  numbers but wall times and throughput). Exact, not within a tolerance: on one process
+  with one thread the resumed run does the same float operations on the same values
+  (model, Adam moments and step count, LR schedule, prompt sampler, and rollout seeds
+  derived from (seed, step)), so any difference is a resume bug, not noise;
+- `tools/launch.sh`: usage and refused environments.
 
-Slow: the same kill-and-resume under torchrun with 2 ranks (EP2; the uninterrupted run is
-launched through `tools/launch.sh`), and a checkpoint written at world size 1 resumed
-with 2 ranks as DP2 and as EP2: the later steps match the uninterrupted single-process
-run within 1e-5 (gradient reductions are summed in another order; exact equality is not
-expected there).
+Slow (multi-process): the same kill-and-resume under torchrun with 2 ranks (EP2, plain
+optimizer, compared exactly with an uninterrupted run started through `tools/launch.sh`
+with the c10d rendezvous); a checkpoint written at world size 1 resumed by 2 ranks as DP2
+and as EP2: the later steps match the uninterrupted single-process run within 1e-5
+(gradients are reduced in another order, so exact equality is not expected; measured
+differences are below 1e-6); a teacher dying under torchrun: every rank stops together
+after saving, and only rank 0 reports it.
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ def make_recipe(tiny: dict[str, str], run_dir: str | os.PathLike, **sections) ->
     raw = {
         "run_dir": str(run_dir),
         "model": {"hf_path": tiny["student"]},
+        # resumable at any layout (with the plain optimizer, not across EP=1 and EP>1)
+        "parallel": {"use_distributed_optimizer": True},
         "data": {"train_path": tiny["data"], "eval_path": tiny["data"]},
         "rollout": {"n_samples_per_prompt": 2, "max_new_tokens": 6},
         "teachers": {
@@ -291,9 +299,9 @@ def test_bad_inputs_fail_before_training(tiny, tmp_path, capsys):
                 "teachers.adder.backend=sglang",
                 "teachers.adder.hf_path=null",
                 f"teachers.adder.urls=[http://127.0.0.1:{port}]",
-                "teachers.adder.startup_timeout_seconds=1",
+                "teachers.adder.startup_timeout_seconds=2",
             ],
-            ["teacher 'adder'", f"http://127.0.0.1:{port}", "'add'", "waited 1 s"],
+            ["teacher 'adder'", f"http://127.0.0.1:{port}", "domain(s) 'add'", "refused"],
         ),
         ([recipe, f"run_dir={blocker}/run"], [f"run_dir {blocker}/run: not writable"]),
     ]
@@ -307,6 +315,51 @@ def test_bad_inputs_fail_before_training(tiny, tmp_path, capsys):
         assert metrics(run_dir) == [] and checkpoints(run_dir) == [], argv
         # the unreachable teacher is given up on after its startup_timeout_seconds
         assert time.monotonic() - t0 < 60, argv
+
+
+# --------------------------------------------------------------------------------------
+# the GPU recipe's topology: teacher and rollout servers behind sglang-router
+
+
+def test_train_through_sglang_router(tiny, tmp_path, capsys):
+    """Teacher and student served by `SGLangCompatibleServer`s, each behind the real
+    sglang-router (as `examples/qwen3_30b_a3b` deploys them): the start-up checks pass
+    through the routers, and every step's weights reach the rollout worker from disk."""
+    from sglang_helpers import InProcessServer, start_router
+
+    servers = [InProcessServer(tiny["t_add"]), InProcessServer(tiny["student"])]
+    routers = []
+    try:
+        for i, server in enumerate(servers):
+            router, url = start_router([server.url], str(tmp_path / f"router{i}.log"))
+            if router is None:
+                pytest.skip(url)
+            routers.append((router, url))
+        (_, teacher_url), (_, rollout_url) = routers
+        run_dir = tmp_path / "run"
+        raw = make_recipe(
+            tiny,
+            run_dir,
+            teachers={
+                "adder": {"backend": "sglang", "urls": [teacher_url], "domains": ["add", "rev"]}
+            },
+            rollout={"backend": "sglang", "urls": [rollout_url], "weight_sync": "disk"},
+            train={"max_steps": 2, "eval_interval": 0},
+            checkpoint={"interval": 0},
+        )
+        code, err = train_in_process(capsys, write_recipe(tmp_path / "r.yaml", raw))
+        assert code == 0, err
+        assert servers[1].server.engine.weight_version == "step_2"
+    finally:
+        for router, _ in routers:
+            router.stop()
+        for server in servers:
+            server.stop()
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2] and not any(r["skipped"] for r in rows)
+    assert rows[-1]["teacher_sequences/add"] + rows[-1]["teacher_sequences/rev"] == 8
+    assert (run_dir / "weights" / "step_2" / "config.json").exists()
+    assert checkpoints(run_dir) == ["step_00000002"]
 
 
 # --------------------------------------------------------------------------------------
@@ -331,7 +384,7 @@ def test_teacher_dies_mid_run(tiny, tmp_path, capsys):
                 "startup_timeout_seconds": 30,
             }
         },
-        train={"max_steps": 20, "eval_interval": 0},
+        train={"max_steps": 100, "eval_interval": 0},
         checkpoint={"interval": 0},  # only the failure leaves a checkpoint
     )
     recipe = write_recipe(tmp_path / "r.yaml", raw)
@@ -486,6 +539,7 @@ def _launch_script(recipe: str, log: Path, *overrides: str) -> subprocess.Popen:
             "NNODES": "1",
             "NODE_RANK": "0",
             "NPROC_PER_NODE": "2",
+            "PYTHON": PY,
         }
     )
     with open(log, "wb") as f:
@@ -499,16 +553,42 @@ def _launch_script(recipe: str, log: Path, *overrides: str) -> subprocess.Popen:
         )
 
 
+def test_launch_script_usage_and_bad_environment(tmp_path):
+    script = str(REPO / "tools" / "launch.sh")
+    out = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage: tools/launch.sh RECIPE.yaml" in out.stdout
+    out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "NODE_RANK" in out.stdout
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_dir: x\n")
+    for env, needle in [
+        ({"NNODES": "2", "NODE_RANK": "2"}, "0 <= NODE_RANK < NNODES"),
+        ({"NNODES": "2", "NODE_RANK": "1"}, "needs MASTER_ADDR"),
+        ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE=two must be"),
+    ]:
+        out = subprocess.run(
+            ["bash", script, str(recipe)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        )
+        assert out.returncode == 2 and needle in out.stderr, (env, out.stderr)
+    out = subprocess.run(["bash", script, str(tmp_path / "nope.yaml")], capture_output=True)
+    assert out.returncode == 2 and b"no such file" in out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_kill_and_resume_two_ranks(tiny, tmp_path):
-    """EP2 on 2 ranks: killed after its first checkpoint and restarted, it logs exactly
-    what an uninterrupted EP2 run (started with tools/launch.sh) logs."""
+    """EP2 on 2 ranks with the plain optimizer: killed after its first checkpoint and
+    restarted, it logs exactly what an uninterrupted run (started with tools/launch.sh)
+    logs."""
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
-    base_recipe = write_recipe(tmp_path / "b.yaml", make_recipe(tiny, base_dir))
-    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny, run_dir))
-    base = _launch_script(base_recipe, tmp_path / "base.log", "parallel.ep=2")
-    proc = start_train(recipe, "parallel.ep=2", log=tmp_path / "killed.log", nproc=2)
+    layout = {"ep": 2, "use_distributed_optimizer": False}
+    base_recipe = write_recipe(tmp_path / "b.yaml", make_recipe(tiny, base_dir, parallel=layout))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny, run_dir, parallel=layout))
+    base = _launch_script(base_recipe, tmp_path / "base.log")
+    proc = start_train(recipe, log=tmp_path / "killed.log", nproc=2)
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, proc, "checkpoint")
         wait_for(lambda: len(metrics(run_dir)) >= 3, 600, proc, "step 3")
@@ -516,7 +596,7 @@ def test_kill_and_resume_two_ranks(tiny, tmp_path):
         kill_group(proc)
     assert len(metrics(run_dir)) < 6
     log = tmp_path / "resumed.log"
-    out = finish(start_train(recipe, "parallel.ep=2", log=log, nproc=2), log, timeout=600)
+    out = finish(start_train(recipe, log=log, nproc=2), log, timeout=600)
     assert "resuming from" in out
     finish(base, tmp_path / "base.log", timeout=600)
     assert_rows_close(metrics(run_dir), metrics(base_dir), tol=0.0)
@@ -538,3 +618,43 @@ def test_resume_at_another_layout(tiny, tmp_path, uninterrupted, layout):
     out = finish(start_train(recipe, layout, log=log, nproc=2), log, timeout=600)
     assert "(step 2)" in out
     assert_rows_close(metrics(run_dir), metrics(reference), tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_teacher_dies_mid_run_two_ranks(tiny, tmp_path):
+    """Under torchrun the driver's failure reaches every rank through the batch broadcast:
+    they save the last trained step together (no hang in mismatched collectives), and
+    only rank 0 reports the error."""
+    from sglang_helpers import start_serve_subprocess
+
+    server, url = start_serve_subprocess(tiny["t_add"], str(tmp_path / "serve.log"))
+    run_dir = tmp_path / "run"
+    teacher = {"backend": "sglang", "urls": [url], "domains": ["add", "rev"], "max_retries": 1}
+    raw = make_recipe(
+        tiny,
+        run_dir,
+        parallel={"ep": 2},
+        teachers={"adder": {**teacher, "retry_backoff_seconds": 0.1}},
+        train={"max_steps": 100, "eval_interval": 0},
+        checkpoint={"interval": 0},
+    )
+    log = tmp_path / "train.log"
+    proc = start_train(write_recipe(tmp_path / "r.yaml", raw), log=log, nproc=2)
+    try:
+        wait_for(lambda: len(metrics(run_dir)) >= 2, 600, proc, "step 2")
+        server.stop()
+        proc.wait(timeout=300)
+    finally:
+        server.stop()
+        if proc.poll() is None:
+            kill_group(proc)
+    out = log.read_text(errors="replace")
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if "mopd train: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("mopd train: error: step "), out[-3000:]
+    trained = metrics(run_dir)[-1]["step"]
+    assert f"step {trained + 1} failed and was not trained" in errors[0]
+    assert "teacher 'adder'" in errors[0] and f"checkpoint of step {trained}" in errors[0]
+    assert checkpoints(run_dir) == [f"step_{trained:08d}"]
+    assert len(list((run_dir / "checkpoints" / f"step_{trained:08d}").glob("rank_*.pt"))) == 2

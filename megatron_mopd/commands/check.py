@@ -12,7 +12,12 @@ Checks, one report line each (OK / FAIL / SKIP):
   ones (and SGLang rollout servers) answer `/health_generate` and `/model_info`, and
   tokenize as the student does (see `teachers/preflight.py`).
 
-`--offline` contacts no server (local files are still checked, tokenizers included).
+`--offline` contacts no server. Local files are still checked (datasets, embedded
+teachers, tokenizers), except the student's own folder: a recipe written for a cluster
+names `model.hf_path` on the cluster's filesystem, so when that folder is not on this
+machine the layout is checked against the recipe's `model.*` architecture fields instead
+(the report says so; SKIP when the recipe sets none) and the student tokenizer is SKIP.
+Without `--offline`, as in the trainer, a missing folder is an error.
 The trainer calls `run_preflight(cfg)` at start-up, on the driver rank (also importable
 from `megatron_mopd.teachers.preflight`): it raises a `UserError` on the first failure.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,29 +119,73 @@ class PreflightReport:
 # ------------------------------------------------------------------------------ checks
 
 
-def _check_layout(cfg: Any, world_size: int | None, arch_out: list) -> str | tuple[Status, str]:
+def absent_model_folder(cfg: Any) -> str | None:
+    """`model.hf_path=...` (or `model.mcore_path=...`) when it is set but not on this
+    machine (a cluster path checked from elsewhere), else None."""
+    for key in ("hf_path", "mcore_path"):
+        path = getattr(cfg.model, key)
+        if path and not os.path.exists(path):
+            return f"model.{key}={path}"
+    return None
+
+
+def recipe_has_architecture(model_cfg: Any) -> bool:
+    """True when the recipe sets some architecture field of `model` (not only defaults)."""
+    from megatron_mopd.config import ModelConfig
+    from megatron_mopd.convert.hf_config import ARCH_FIELDS
+
+    default = ModelConfig()
+    return any(getattr(model_cfg, f) != getattr(default, f) for f in ARCH_FIELDS)
+
+
+def _check_layout(
+    cfg: Any, world_size: int | None, arch_out: list, offline: bool = False
+) -> str | tuple[Status, str]:
+    import dataclasses
+
     from megatron_mopd.config import check_world_size
     from megatron_mopd.student.load import resolve_model_config
 
-    # the student's real architecture (read from model.hf_path when set), checked against
-    # the layout exactly as the trainer will check it
-    arch = resolve_model_config(cfg.model, cfg.parallel)
-    arch_out.append(arch)
     p = cfg.parallel
     layout = f"tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp}"
-    source = f" (architecture from {cfg.model.hf_path})" if cfg.model.hf_path else ""
+    absent = absent_model_folder(cfg) if offline else None
+    if absent and not recipe_has_architecture(cfg.model):
+        # nothing to check the layout against: only the world size
+        note = f"{absent} is not on this machine and the recipe sets no model.* architecture"
+        if world_size is None:
+            return "SKIP", f"{note}: layout not checked"
+        dp = check_world_size(p, world_size)
+        return "SKIP", f"{layout} dp={dp} for world size {world_size}; {note}: not checked"
+    if absent:
+        # --offline on a machine without the cluster's folders: the recipe's fields stand
+        # in for the folder's config.json (the trainer reads the folder)
+        model = dataclasses.replace(cfg.model, hf_path=None, mcore_path=None)
+        arch = resolve_model_config(model, p)
+        source = (
+            f" (architecture from the recipe's model.* fields: {absent} is not on this machine)"
+        )
+    else:
+        # the student's real architecture (read from model.hf_path when set), checked
+        # against the layout exactly as the trainer will check it
+        arch = resolve_model_config(cfg.model, p)
+        source = f" (architecture from {cfg.model.hf_path})" if cfg.model.hf_path else ""
+    arch_out.append(arch)
     if world_size is None:
         return "OK", f"{layout} divides the model{source}; world size not given (--world-size N)"
     dp = check_world_size(p, world_size)
     return f"{layout} dp={dp} for world size {world_size}{source}"
 
 
-def _check_student_tokenizer(cfg: Any, arch: Any, out: list) -> str | tuple[Status, str]:
+def _check_student_tokenizer(
+    cfg: Any, arch: Any, out: list, offline: bool = False
+) -> str | tuple[Status, str]:
     from megatron_mopd.teachers.preflight import load_tokenizer
 
     path = cfg.model.tokenizer_path or cfg.model.hf_path
     if not path:
         return "SKIP", "no student tokenizer (set model.tokenizer_path): tokenizers not compared"
+    if offline and not os.path.exists(path):
+        return "SKIP", f"{path} is not on this machine (--offline): tokenizers not compared"
     tok = load_tokenizer(path, "student tokenizer")
     out.append(tok)
     if arch is not None and len(tok) > arch.vocab_size:
@@ -238,16 +288,24 @@ def run_preflight(
     All checks run; then, with `strict` (what the trainer wants), a failure raises a
     `UserError` naming the first one. With `strict=False` failures are only FAIL lines.
     `echo` prints lines as they come; `offline` skips every network check;
-    `wait_for_servers` polls servers that are still starting for up to each one's
-    `startup_timeout_seconds` (what the trainer wants when it launches them itself).
+    `wait_for_servers` polls servers that are still starting until each one's
+    `startup_timeout_seconds` after the checks began (what the trainer wants: servers
+    start in parallel, so the waits overlap instead of adding up).
     """
     report = PreflightReport(echo=echo)
+    began = time.monotonic()
+
+    def wait(startup_timeout: float) -> float:
+        if not wait_for_servers:
+            return 0.0
+        return max(0.0, startup_timeout - (time.monotonic() - began))
+
     arch_box: list = []
-    report.run("layout", lambda: _check_layout(cfg, world_size, arch_box))
+    report.run("layout", lambda: _check_layout(cfg, world_size, arch_box, offline))
     arch = arch_box[0] if arch_box else None
 
     tok_box: list = []
-    report.run("student tokenizer", lambda: _check_student_tokenizer(cfg, arch, tok_box))
+    report.run("student tokenizer", lambda: _check_student_tokenizer(cfg, arch, tok_box, offline))
     student_tok = tok_box[0] if tok_box else None
     has_text_tokenizer = bool(cfg.model.tokenizer_path or cfg.model.hf_path)
     vocab_size = arch.vocab_size if arch is not None else None
@@ -277,7 +335,7 @@ def run_preflight(
             report.run(
                 f"teacher {name!r}",
                 lambda n=name, u=url, t=tcfg: _check_teacher_server(
-                    u, n, t, student_tok, t.startup_timeout_seconds if wait_for_servers else 0.0
+                    u, n, t, student_tok, wait(t.startup_timeout_seconds)
                 ),
             )
 
@@ -294,7 +352,7 @@ def run_preflight(
                     "rollout server",
                     student_tok,
                     cfg.rollout.timeout_seconds,
-                    cfg.rollout.startup_timeout_seconds if wait_for_servers else 0.0,
+                    wait(cfg.rollout.startup_timeout_seconds),
                 ),
             )
     elif cfg.model.hf_path:

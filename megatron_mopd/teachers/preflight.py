@@ -192,7 +192,8 @@ def _http_error(url: str, what: str, e: Exception) -> TeacherError:
 
 
 def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) -> dict[str, Any]:
-    """`GET /health_generate` (must answer 200) then `GET /model_info`; returns the latter.
+    """`GET /health_generate` (must answer 200) then `GET /model_info` (`/get_model_info`
+    when that is missing, as behind sglang-router); returns the latter.
 
     With `wait_seconds > 0`, a server that is down or starting (503) is polled until it
     is healthy or the time is up. Raises `TeacherError` naming the URL when the server is
@@ -215,11 +216,11 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
         except httpx.HTTPError as e:
             error = _http_error(base, "/health_generate", e)
         if time.monotonic() >= deadline:
-            waited = f" (waited {wait_seconds:g} s)" if wait_seconds > 0 else ""
+            waited = f" (waited {wait_seconds:.3g} s)" if wait_seconds > 0 else ""
             raise TeacherError(f"{error}{waited}")
         if not said:  # a silent wait of minutes looks like a hang
             print(
-                f"waiting up to {wait_seconds:g} s for {base} to become healthy ({error})",
+                f"waiting up to {wait_seconds:.3g} s for {base} to become healthy ({error})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -227,6 +228,9 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
         time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     try:
         r = httpx.get(f"{base}/model_info", timeout=timeout)
+        if r.status_code == 404:
+            # sglang-router (0.3.2) forwards only the deprecated name of this endpoint
+            r = httpx.get(f"{base}/get_model_info", timeout=timeout)
         r.raise_for_status()
         info = r.json()
     except (httpx.HTTPError, ValueError) as e:

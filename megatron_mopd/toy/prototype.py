@@ -210,6 +210,7 @@ def run(
     teacher_accuracy: dict[str, float],
     cfg: ProtoConfig,
     log: Callable[[str], None] | None = print,
+    save_to: str | None = None,
 ) -> ProtoResult:
     """Run MOPD from `student_path` until every domain is within `cfg.margin` of its
     teacher's accuracy (on `eval_examples`) or `cfg.max_steps` steps have run."""
@@ -289,6 +290,9 @@ def run(
         if step % cfg.eval_interval == 0 and do_eval(step):
             reached = step
             break
+    if save_to:
+        student.save_pretrained(save_to, safe_serialization=True)
+        tok.save_pretrained(save_to)
     last = evals[-1]
     return ProtoResult(
         dataclasses.asdict(cfg),
@@ -307,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="ProtoConfig fields, key=value")
     parser.add_argument("--out", help="write the measurements to this JSON file")
+    parser.add_argument("--save", help="save the final student (an HF folder) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with open(os.path.join(args.run_dir, "toy", "toy.json")) as f:
@@ -326,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         read_jsonl(toy["eval_jsonl"]),
         toy["teacher_accuracy"],
         cfg,
+        save_to=args.save,
     )
     print(f"reached at step {res.reached_step}: {res.reached_seconds}s wall, {res.reached_cpu_seconds}s cpu")
     if args.out:

@@ -92,6 +92,7 @@ class SFTResult:
     accuracy: dict[str, float]
     steps: int
     seconds: float
+    cpu_seconds: float = 0.0  # this process's CPU time (= wall time on an idle core)
     cached: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -277,7 +278,7 @@ def train_sft(
     if cached is not None:
         return cached
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     vocab = len(tokenizer)
     model = load_model(cfg.init_from) if cfg.init_from else new_model(cfg.model, vocab, cfg.seed)
     model.train()
@@ -309,7 +310,9 @@ def train_sft(
                 log(f"  sft {os.path.basename(out_dir)} step {step}: loss {loss.item():.4f} acc {acc} ({time.time() - t0:.0f}s)")
             if acc and min(acc.values()) >= cfg.target_accuracy:
                 break
-    result = SFTResult(out_dir, acc, step, round(time.time() - t0, 1), False, history)
+    result = SFTResult(
+        out_dir, acc, step, round(time.time() - t0, 1), round(time.process_time() - c0, 1), False, history
+    )
     _save(model, tokenizer, out_dir, settings, result)
     return result
 

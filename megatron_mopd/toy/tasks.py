@@ -143,16 +143,16 @@ def mistake(ex: Example) -> Example | None:
     """The systematic mistake the weak student is taught on part of each domain, or None
     when `ex` is not affected.
 
-    `add`: the carry out of the units is forgotten when the units digits sum to 10 or more
-    ("57+68=" -> "115" instead of "125"); `reverse`: strings of 5 or more letters are copied
-    instead of reversed ("rev:abcde=" -> "abcde"). Either way the right and the wrong
-    answer part at one token, so a student that mostly makes the mistake still gives the
-    right token a fair probability: a weak student that is near its teachers.
+    `add`: a 3-digit sum loses its leading 1 ("57+68=" -> "25" instead of "125");
+    `reverse`: strings of 5 or more letters are copied instead of reversed
+    ("rev:abcde=" -> "abcde"). Either way the right and the wrong answer part at the first
+    token, and the rest of the answer is computed correctly, so a student that mostly
+    makes the mistake still gives the right first token a fair probability: a weak
+    student near its teachers (see examples/toy/NOTES.md for why that matters).
     """
     if ex.domain == "add":
-        a, b = (int(x) for x in ex.prompt[:-1].split("+"))
-        if a % 10 + b % 10 >= 10:
-            return Example(ex.prompt, ex.domain, str(a + b - 10))
+        if len(ex.answer) == 3:
+            return Example(ex.prompt, ex.domain, ex.answer[1:])
         return None
     if ex.domain == "reverse":
         s = ex.prompt[len("rev:") : -1]
