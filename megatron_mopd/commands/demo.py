@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; exit 1 when the student did not reach its teachers."""
+    """Run the demo."""
     from megatron_mopd.toy.demo import run_demo
 
-    summary = run_demo(args.run_dir, args.nproc, args.overrides)
-    return 0 if summary["reached_teachers"] else 1
+    run_demo(args.run_dir, args.nproc, args.overrides)
+    return 0  # the table and summary.json say whether the student reached its teachers

@@ -119,7 +119,9 @@ def plot(curves: dict, teachers: dict[str, float], out_png: str) -> None:
     plt.close(fig)
 
 
-def run_demo(run_dir: str = "runs/demo", nproc: int = 1, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    run_dir: str = "runs/demo", nproc: int = 1, overrides: list[str] | None = None
+) -> dict:
     """Build the toy, train with MOPD, evaluate; returns the summary."""
     from megatron_mopd.config import load_config
     from megatron_mopd.toy.build import build_toy
