@@ -331,7 +331,9 @@ class Run:
         return acc
 
     # ---------------------------------------------------------------- logging
-    def log_step(self, step: int, metrics: dict, batch: TrainBatch, times: dict) -> dict:
+    def log_step(
+        self, step: int, metrics: dict, batch: TrainBatch, times: dict, wall: float | None = None
+    ) -> dict:
         """One row of metrics.jsonl (driver) and the progress bar."""
         from megatron_mopd.trainer import is_finite_metrics
 
@@ -344,6 +346,9 @@ class Run:
         row = dict(metrics)
         row.update({f"time/{k}": v for k, v in times.items()})
         row["time/step"] = step_time
+        if wall is not None:  # everything but the stages: batching, broadcast, bookkeeping
+            row["time/wall"] = wall
+            row["time/overhead"] = max(0.0, wall - step_time)
         row["response_tokens"] = tokens
         row["tokens_per_s"] = tokens / step_time if step_time > 0 else 0.0
         row["lr"] = self.student.current_lr()

@@ -17,34 +17,33 @@ resumable sampler, so a run resumed from a checkpoint reproduces the uninterrupt
 from __future__ import annotations
 
 import math
+import contextlib
 import os
 import time
-from dataclasses import dataclass
 
 from megatron_mopd.config import Config
 from megatron_mopd.errors import TeacherError
 
 
-@dataclass
 class StepTimer:
-    """Wall time of each stage of one step."""
-
-    times: dict[str, float]
+    """Wall time of each stage of one step, and of the whole step (`elapsed`)."""
 
     def __init__(self):
-        self.times = {}
+        self.times: dict[str, float] = {}
+        self.t0 = time.perf_counter()
 
+    @contextlib.contextmanager
     def stage(self, name: str):
-        timer = self
+        """Add the time spent inside the `with` block to stage `name`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
+    def elapsed(self) -> float:
+        """Seconds since the step started."""
+        return time.perf_counter() - self.t0
 
 
 def train(cfg: Config) -> dict:
@@ -92,7 +91,7 @@ def train(cfg: Config) -> dict:
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 with timer.stage("eval"):
                     run.evaluate(step)
-            last = run.log_step(step, metrics, batch, timer.times)
+            last = run.log_step(step, metrics, batch, timer.times, timer.elapsed())
             if run.should_stop_nonfinite(metrics):
                 run.save(step)
                 run.stop(
