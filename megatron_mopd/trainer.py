@@ -16,8 +16,8 @@ resumable sampler, so a run resumed from a checkpoint reproduces the uninterrupt
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import os
 import time
 
