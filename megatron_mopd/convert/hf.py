@@ -201,6 +201,9 @@ def load_hf_weights(
                 layout = chunk_layout(chunk)
                 for name, param in chunk.named_parameters():
                     _load_param(ckpt, cfg, layout, name, param, used)
+                    # drop the memory map: pages read so far would otherwise stay resident
+                    # (about one more copy of the model at the end of a conversion)
+                    ckpt.close()
     except UserError as e:
         error = ("user", str(e))
     except KeyError as e:

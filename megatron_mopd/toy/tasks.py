@@ -194,11 +194,21 @@ def exact_match(response_text: str, answer: str) -> bool:
     return response_text.split(EOS_TEXT, 1)[0].strip() == answer
 
 
-def accuracy(responses: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
-    """Exact-match accuracy per domain (domains absent from `examples` are left out)."""
+def accuracy(
+    responses: Sequence[str], examples: Sequence[Example], accept_mistake: bool = False
+) -> dict[str, float]:
+    """Exact-match accuracy per domain (domains absent from `examples` are left out).
+
+    With `accept_mistake`, the systematic mistake (`mistake`) also counts: this measures
+    whether a model taught the mistake has learnt the rest of the task.
+    """
     hits: dict[str, list[int]] = {}
     for text, ex in zip(responses, examples, strict=True):
-        hits.setdefault(ex.domain, []).append(int(exact_match(text, ex.answer)))
+        ok = exact_match(text, ex.answer)
+        if accept_mistake and not ok:
+            bad = mistake(ex)
+            ok = bad is not None and exact_match(text, bad.answer)
+        hits.setdefault(ex.domain, []).append(int(ok))
     return {d: sum(h) / len(h) for d, h in sorted(hits.items())}
 
 
