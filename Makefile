@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m megatron_mopd demo
+	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -34,20 +34,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_mopd.toy.sft import SFTConfig, SFTResult
-from megatron_mopd.toy.tasks import DEFAULT_SPECS, DOMAINS, TaskSpec, generate, generate_mix, write_jsonl
+from megatron_mopd.toy.tasks import (
+    DEFAULT_SPECS,
+    DOMAINS,
+    TaskSpec,
+    generate,
+    generate_mix,
+    write_jsonl,
+)
 
 VOCAB_SIZE = 128  # the char vocabulary (100 tokens) padded: Megatron splits it by TP
 
 
 def _student_sft() -> SFTConfig:
     return SFTConfig(
-        max_steps=1500, batch_size=128, lr=3e-3, warmup_steps=50, eval_interval=250, mistake_rate=0.7
+        max_steps=1500,
+        batch_size=128,
+        lr=3e-3,
+        warmup_steps=50,
+        eval_interval=250,
+        mistake_rate=0.7,
     )
 
 
 def _teacher_sft() -> SFTConfig:
     return SFTConfig(
-        max_steps=600, batch_size=64, lr=1e-3, warmup_steps=20, eval_interval=50, target_accuracy=0.985
+        max_steps=600,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=20,
+        eval_interval=50,
+        target_accuracy=0.985,
     )
 
 
@@ -107,7 +124,8 @@ def build_toy(
         specs = [cfg.specs[d] for d in DOMAINS]
         data = os.path.join(root, "data")
         train_jsonl = write_jsonl(
-            os.path.join(data, "train.jsonl"), generate_mix(specs, cfg.n_mopd, "train", cfg.seed + 1)
+            os.path.join(data, "train.jsonl"),
+            generate_mix(specs, cfg.n_mopd, "train", cfg.seed + 1),
         )
         eval_examples = generate_mix(specs, cfg.n_eval, "eval", cfg.seed)
         eval_jsonl = write_jsonl(os.path.join(data, "eval.jsonl"), eval_examples)

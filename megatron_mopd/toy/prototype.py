@@ -69,11 +69,19 @@ class ProtoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("prompts_per_step", "samples_per_prompt", "max_steps", "draws", "max_new_tokens"):
+        for name in (
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_steps",
+            "draws",
+            "max_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.eps_low <= 1 <= self.eps_high:
-            raise ValueError(f"need 0 <= eps_low <= 1 <= eps_high, got {self.eps_low}, {self.eps_high}")
+            raise ValueError(
+                f"need 0 <= eps_low <= 1 <= eps_high, got {self.eps_low}, {self.eps_high}"
+            )
 
 
 @dataclass
@@ -233,7 +241,9 @@ def run(
 
     def do_eval(step: int) -> bool:
         acc = evaluate(student, tok, eval_examples)
-        evals.append({"step": step, "seconds": round(train_wall, 2), "cpu": round(train_cpu, 2), **acc})
+        evals.append(
+            {"step": step, "seconds": round(train_wall, 2), "cpu": round(train_cpu, 2), **acc}
+        )
         if log:
             log(f"  eval step {step}: {acc} (train {train_wall:.1f}s wall, {train_cpu:.1f}s cpu)")
         return all(acc[d] >= target[d] for d in target)
@@ -254,7 +264,9 @@ def run(
             student, prompts, cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id, False, gen
         )
         student.train()
-        batch = make_batch(prompts, out.response_ids, out.logprobs, [e.domain for e in exs], tok.pad_token_id)
+        batch = make_batch(
+            prompts, out.response_ids, out.logprobs, [e.domain for e in exs], tok.pad_token_id
+        )
         t1 = time.perf_counter()
         # 2. score
         tlp = teacher_logprobs(teachers, batch)
@@ -333,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         save_to=args.save,
     )
-    print(f"reached at step {res.reached_step}: {res.reached_seconds}s wall, {res.reached_cpu_seconds}s cpu")
+    print(
+        f"reached at step {res.reached_step}: {res.reached_seconds}s wall, {res.reached_cpu_seconds}s cpu"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dataclasses.asdict(res), f)

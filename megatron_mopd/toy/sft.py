@@ -178,13 +178,17 @@ def decode(
     done = torch.zeros(B, dtype=torch.bool)
     step_ids, step_pos = ids, pos
     for _ in range(max_new_tokens):
-        logits = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=step_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1].float()
+        logits = (
+            model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )
         logp = torch.log_softmax(logits, -1)
         if greedy:
             tok = logp.argmax(-1)
@@ -229,7 +233,9 @@ def evaluate(
     model, tokenizer, examples: Sequence[Example], batch_size: int = 256, max_new_tokens: int = 8
 ) -> dict[str, float]:
     """Greedy exact-match accuracy per domain."""
-    return accuracy(greedy_responses(model, tokenizer, examples, batch_size, max_new_tokens), examples)
+    return accuracy(
+        greedy_responses(model, tokenizer, examples, batch_size, max_new_tokens), examples
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -241,7 +247,9 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
 
 
 def new_model(shape: ModelShape, vocab_size: int, seed: int):
@@ -249,7 +257,9 @@ def new_model(shape: ModelShape, vocab_size: int, seed: int):
     import transformers
 
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(shape.hf_config(vocab_size), dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_config(
+        shape.hf_config(vocab_size), dtype=torch.float32
+    )
 
 
 def load_model(path: str):
@@ -312,17 +322,33 @@ def train_sft(
             acc = accuracy(texts, eval_examples)
             skill = accuracy(texts, eval_examples, accept_mistake=True)
             history.append(
-                {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1),
-                 "accuracy": acc, "skill": skill}
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 4),
+                    "seconds": round(time.time() - t0, 1),
+                    "accuracy": acc,
+                    "skill": skill,
+                }
             )
             if log:
                 extra = f" skill {skill}" if cfg.mistake_rate > 0 else ""
-                log(f"  sft {os.path.basename(out_dir)} step {step}: loss {loss.item():.4f} "
-                    f"acc {acc}{extra} ({time.time() - t0:.0f}s)")
-            if acc and min((skill if cfg.mistake_rate > 0 else acc).values()) >= cfg.target_accuracy:
+                log(
+                    f"  sft {os.path.basename(out_dir)} step {step}: loss {loss.item():.4f} "
+                    f"acc {acc}{extra} ({time.time() - t0:.0f}s)"
+                )
+            if (
+                acc
+                and min((skill if cfg.mistake_rate > 0 else acc).values()) >= cfg.target_accuracy
+            ):
                 break
     result = SFTResult(
-        out_dir, acc, step, round(time.time() - t0, 1), round(time.process_time() - c0, 1), False, history
+        out_dir,
+        acc,
+        step,
+        round(time.time() - t0, 1),
+        round(time.process_time() - c0, 1),
+        False,
+        history,
     )
     _save(model, tokenizer, out_dir, settings, result)
     return result

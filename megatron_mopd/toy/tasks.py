@@ -62,7 +62,9 @@ class TaskSpec:
         if self.domain not in DOMAINS:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of {DOMAINS}")
         if not 1 <= self.min_size <= self.max_size:
-            raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}..{self.max_size}")
+            raise ValueError(
+                f"need 1 <= min_size <= max_size, got {self.min_size}..{self.max_size}"
+            )
         if self.max_answer_len is not None and self.max_answer_len < 1:
             raise ValueError(f"max_answer_len={self.max_answer_len} must be >= 1")
 
@@ -139,27 +141,26 @@ def generate_mix(
     return [ex for group in zip(*per, strict=True) for ex in group]
 
 
-def mistake(ex: Example) -> Example | None:
-    """The systematic mistake the weak student is taught on part of each domain, or None
-    when `ex` is not affected.
+# Answers at least this long are affected by the weak student's mistake.
+MISTAKE_MIN_LEN = {"add": 3, "reverse": 5}
 
-    `add`: a 3-digit sum loses its leading 1 ("57+68=" -> "25" instead of "125");
-    `reverse`: strings of 5 or more letters are copied instead of reversed
-    ("rev:abcde=" -> "abcde"). Either way the right and the wrong answer part at the first
-    token, and the rest of the answer is computed correctly, so a student that mostly
-    makes the mistake still gives the right first token a fair probability: a weak
-    student near its teachers (see examples/toy/NOTES.md for why that matters).
+
+def mistake(ex: Example) -> Example | None:
+    """The systematic mistake the weak student is taught, or None when `ex` is not affected.
+
+    The mistake: a long answer loses its first character — a 3-digit sum its leading 1
+    ("57+68=" -> "25", not "125"), a reversal of 5 or more letters its first letter
+    ("rev:abcde=" -> "dcba", not "edcba"). The right and the wrong answer part at the first
+    token and then follow the same rule (the next digit; the letter before the previous
+    one), so the rest of the skill is learnt from every example, and a student that
+    mostly makes the mistake still gives the right first token a fair probability: a weak
+    student near its teachers (examples/toy/NOTES.md says why that matters).
     """
-    if ex.domain == "add":
-        if len(ex.answer) == 3:
-            return Example(ex.prompt, ex.domain, ex.answer[1:])
-        return None
-    if ex.domain == "reverse":
-        s = ex.prompt[len("rev:") : -1]
-        if len(s) >= 5 and s != s[::-1]:
-            return Example(ex.prompt, ex.domain, s)
-        return None
-    raise ValueError(f"unknown domain {ex.domain!r}")
+    if ex.domain not in MISTAKE_MIN_LEN:
+        raise ValueError(f"unknown domain {ex.domain!r}")
+    if len(ex.answer) >= MISTAKE_MIN_LEN[ex.domain]:
+        return Example(ex.prompt, ex.domain, ex.answer[1:])
+    return None
 
 
 def with_mistakes(examples: Sequence[Example], rate: float, seed: int = 0) -> list[Example]:
