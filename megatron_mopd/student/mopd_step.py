@@ -21,16 +21,15 @@ How the global batch becomes the single-process gradient, whatever the layout:
   (`reverse_kl/<domain>`) and over all domains (`reverse_kl`).
 - Log-probs: with the sampled estimator, `train_step`'s own vocabulary-parallel log-prob
   of the sampled token. The top-k estimators also need the student's log-probs of the
-  teacher's top-k ids, i.e. the logits shard, which `train_step`'s `loss_fn` does not see;
-  `train_step_on_logits` is the same step with a hook from logits to log-probs, used with
-  `topk_logprobs` (one pass of `loss.vocab_parallel_gather_logprobs` over the sampled
+  teacher's top-k ids, i.e. the logits shard: `train_step(..., logprobs_fn=topk_logprobs)`
+  (one pass of `loss.vocab_parallel_gather_logprobs` over the sampled
   token and the K ids, backward written into the logits' own storage).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,16 +47,10 @@ from megatron_mopd.loss import (
     stats_to_means,
     vocab_parallel_gather_logprobs,
 )
-from megatron_mopd.student.logprobs import MicroBatch, run_schedule, unwrap_model
-from megatron_mopd.student.train_step import (
-    _grads_nonfinite,
-    _reduce_stored,
-    configure_schedule,
-    train_step,
-)
+from megatron_mopd.student.logprobs import MicroBatch, unwrap_model
+from megatron_mopd.student.train_step import train_step
 
 PREFIX = "mopd"
-LogprobsFn = Callable[[torch.Tensor, MicroBatch, Any], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -258,59 +251,14 @@ def mopd_train_step(
                 "loss.estimator (or a loss.per_domain override) is a top-k estimator but the "
                 "teachers returned no top-k log-probs: set teachers.<name>.top_k > 0"
             )
-        out = train_step_on_logits(
-            model_chunks, optimizer, micro_batches, topk_logprobs, loss_fn, scheduler=scheduler
+        out = train_step(
+            model_chunks,
+            optimizer,
+            micro_batches,
+            loss_fn,
+            scheduler=scheduler,
+            logprobs_fn=topk_logprobs,
         )
     else:
         out = train_step(model_chunks, optimizer, micro_batches, loss_fn, scheduler=scheduler)
     return summarize(out, batch.domains)
-
-
-def train_step_on_logits(
-    model_chunks: list[Any],
-    optimizer: Any,
-    micro_batches: list[MicroBatch],
-    logprobs_fn: LogprobsFn,
-    loss_fn: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]]],
-    *,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """`student.train_step.train_step` with the log-probs computed by
-    `logprobs_fn(logits_shard, micro_batch, tp_group)` instead of the sampled tokens'.
-
-    Same gradient contract, same return value. (A `logprobs_fn` argument of `train_step`
-    would make this function unnecessary.)
-    """
-    pgs = unwrap_model(model_chunks[0]).pg_collection
-    configure_schedule(model_chunks, optimizer)
-    for chunk in model_chunks:
-        chunk.train()
-        if hasattr(chunk, "zero_grad_buffer"):
-            chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-
-    def loss_func_for(mb: MicroBatch):
-        def loss_func(logits: torch.Tensor):
-            loss, metrics = loss_fn(logprobs_fn(logits, mb, pgs.tp), mb)
-            reduced = {"loss": float(loss.detach())}
-            reduced.update({k: float(v) for k, v in metrics.items()})
-            return loss, torch.tensor(0, dtype=torch.int), reduced
-
-        return loss_func
-
-    stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
-    if _grads_nonfinite(model_chunks):
-        optimizer.zero_grad()
-        skipped, grad_norm = True, float("nan")
-    else:
-        success, grad_norm, _ = optimizer.step()
-        skipped = not success
-        if grad_norm is None and not skipped:
-            grad_norm = optimizer.get_grad_norm()
-        if not skipped and scheduler is not None:
-            scheduler.step(increment=1)
-    out = _reduce_stored(stored, pgs)
-    out["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
-    out["skipped"] = skipped
-    out["lr"] = float(optimizer.param_groups[0]["lr"])
-    return out

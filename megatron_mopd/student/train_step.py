@@ -50,6 +50,7 @@ from megatron_mopd.student.logprobs import (
 )
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]]]
+LogprobsFn = Callable[[torch.Tensor, MicroBatch, Any], torch.Tensor]
 
 
 def wrap_ddp(model_chunks: list[Any], parallel_cfg: ParallelConfig) -> list[Any]:
@@ -162,13 +163,16 @@ def train_step(
     loss_fn: LossFn,
     *,
     scheduler: Any = None,
+    logprobs_fn: LogprobsFn | None = None,
 ) -> dict[str, Any]:
     """Forward and backward over `micro_batches`, then one optimizer step.
 
     See the module docstring for the gradient contract of `loss_fn` and what is returned.
     Every rank of the layout calls this with its own DP share of the micro-batches (the
     same number of micro-batches on every DP rank); ranks of one model-parallel group pass
-    the same ones.
+    the same ones. `logprobs_fn(logits_shard, micro_batch, tp_group)` replaces the default
+    (the sampled tokens' vocabulary-parallel log-probs) when the loss needs more, e.g. the
+    log-probs of a teacher's top-k ids (`student.mopd_step.topk_logprobs`).
     """
     inner = unwrap_model(model_chunks[0])
     pgs = inner.pg_collection
@@ -181,7 +185,10 @@ def train_step(
 
     def loss_func_for(mb: MicroBatch):
         def loss_func(logits: torch.Tensor):
-            logprobs = token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device), pgs.tp)
+            if logprobs_fn is None:
+                logprobs = token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device), pgs.tp)
+            else:
+                logprobs = logprobs_fn(logits, mb, pgs.tp)
             loss, metrics = loss_fn(logprobs, mb)
             reduced = {"loss": float(loss.detach())}
             reduced.update({k: float(v) for k, v in metrics.items()})
