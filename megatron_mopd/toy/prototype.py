@@ -54,7 +54,7 @@ class ProtoConfig:
 
     prompts_per_step: int = 32
     samples_per_prompt: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-4
     warmup_steps: int = 20
     max_steps: int = 400
     clip_grad: float = 1.0
