@@ -230,6 +230,7 @@ class LossOverride:
     """Per-domain overrides of the loss settings (unset fields inherit `loss.*`)."""
 
     alpha: float | None = None
+    distill_coef: float | None = None
     eps_low: float | None = None
     eps_high: float | None = None
     correction: Literal["icepop", "tis", "none"] | None = None
@@ -244,6 +245,8 @@ class LossConfig:
     """The MOPD surrogate (see loss.py and ../MOPD spec)."""
 
     alpha: float = 0.0
+    # weight of the teacher term of the advantage; 0 = outcome-reward RL only (an ablation)
+    distill_coef: float = 1.0
     eps_low: float = 0.5
     eps_high: float = 5.0
     correction: Literal["icepop", "tis", "none"] = "icepop"
@@ -263,6 +266,15 @@ class LossConfig:
             if not 0 <= lo <= 1 <= hi:
                 raise ConfigError(
                     f"{path}{name}: need 0 <= eps_low <= 1 <= eps_high, got eps_low={lo} eps_high={hi}"
+                )
+            coef = value.distill_coef if value.distill_coef is not None else self.distill_coef
+            alpha = value.alpha if value.alpha is not None else self.alpha
+            if coef < 0:
+                raise ConfigError(f"{path}{name}.distill_coef={coef} must be >= 0")
+            if coef == 0 and alpha == 0:
+                raise ConfigError(
+                    f"{path}{name}: distill_coef=0 and alpha=0 leave nothing to learn "
+                    "(set alpha > 0 for outcome-reward RL, or distill_coef > 0)"
                 )
 
     def for_domain(self, domain: str) -> LossConfig:

@@ -147,15 +147,19 @@ def mopd_advantages(
     train_logprobs: Tensor,
     orm_advantages: Tensor | None = None,
     alpha: Scalar = 1.0,
+    distill_coef: Scalar = 1.0,
 ) -> Tensor:
-    """Token advantages `sg[teacher - train] + alpha * orm_advantages[:, None]`.
+    """Token advantages `distill_coef * sg[teacher - train] + alpha * orm_advantages[:, None]`.
 
-    `orm_advantages` is `[B]` (None: no outcome term); `alpha` a float or a `[B]` tensor.
-    No gradient. Computed in at least float32.
+    `orm_advantages` is `[B]` (None: no outcome term); `alpha` and `distill_coef` floats or
+    `[B]` tensors (`distill_coef = 0`: outcome-reward RL without a teacher, the ablation's
+    "ORM only" arm). No gradient. Computed in at least float32.
     """
     with torch.no_grad():
         dtype = _float_dtype(train_logprobs)
         adv = teacher_logprobs.to(dtype) - train_logprobs.detach().to(dtype)
+        if not (isinstance(distill_coef, (int, float)) and distill_coef == 1):
+            adv = adv * _col(distill_coef, adv)
         if orm_advantages is not None:
             adv = adv + _col(alpha, adv) * orm_advantages.to(dtype)[:, None]
         return adv
@@ -264,6 +268,7 @@ def mopd_loss(
     student_topk_logprobs: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
     topk_tail: bool = True,
+    distill_coef: Scalar = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MOPD surrogate of one (micro-)batch and its statistics.
 
@@ -285,6 +290,8 @@ def mopd_loss(
             need `student_topk_logprobs` (differentiable) and `teacher_topk_logprobs`,
             both `[B, T, K]` on the teacher's top-k ids.
         topk_tail: whether the top-k KL includes the "rest of the vocabulary" bucket.
+        distill_coef: weight of the teacher term (float or `[B]`); 0 leaves only the
+            outcome-reward term (GRPO without a teacher, for ablations).
 
     Returns:
         `(loss, metrics)`: `loss` is a 0-d tensor; `metrics` holds detached local means
@@ -304,7 +311,9 @@ def mopd_loss(
         teacher = torch.where(m, teacher_logprobs.to(dtype), zero)
         r = _ratio(train, rollout)
         w = torch.where(m, importance_weights(train, rollout, eps_low, eps_high, correction), zero)
-        adv = torch.where(m, mopd_advantages(teacher, train, orm_advantages, alpha), zero)
+        adv = torch.where(
+            m, mopd_advantages(teacher, train, orm_advantages, alpha, distill_coef), zero
+        )
         lengths = m.sum(dim=-1)
         inv_len = 1.0 / lengths.clamp(min=1).to(dtype)
 
@@ -318,7 +327,7 @@ def mopd_loss(
         dense, topk_kl = _dense_token_loss(
             train, r, w, m & use_topk[:, None], est, student_topk_logprobs,
             teacher_topk_logprobs, orm_advantages, alpha, eps_low, eps_high, correction,
-            topk_tail,
+            topk_tail, distill_coef,
         )  # fmt: skip
         token_loss = torch.where(use_topk[:, None], dense, token_loss)
 
@@ -363,9 +372,10 @@ def _dense_token_loss(
     eps_high: Scalar,
     correction: str | Tensor,
     tail: bool,
+    distill_coef: Scalar,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token loss of the top-k estimators (`keep * KL - w * alpha * A_ORM * log pi`)
-    on positions `m`, and the detached KL there (0 elsewhere)."""
+    """Per-token loss of the top-k estimators (`distill_coef * keep * KL - w * alpha *
+    A_ORM * log pi`) on positions `m`, and the detached KL there (0 elsewhere)."""
     zero = torch.zeros((), dtype=train.dtype, device=train.device)
     m3 = m.unsqueeze(-1)
     s_k = torch.where(m3, student_topk.to(train.dtype), zero)
@@ -379,6 +389,7 @@ def _dense_token_loss(
         corr = _codes(correction, CORRECTIONS, "correction", train)
         inside = (r >= _col(eps_low, r)) & (r <= _col(eps_high, r))
         keep = torch.where(m & ((corr != 1) | inside), 1.0, 0.0).to(train.dtype)
+        keep = keep * _col(distill_coef, train)
         orm_term = torch.zeros_like(train)
         if orm_advantages is not None:
             orm_term = _col(alpha, train) * orm_advantages.to(train.dtype)[:, None]
@@ -423,6 +434,7 @@ class SequenceSettings:
     """Loss settings of each sequence of a batch (`[B]` tensors), from `sequence_settings`."""
 
     alpha: Tensor
+    distill_coef: Tensor
     eps_low: Tensor
     eps_high: Tensor
     correction: Tensor  # indices into CORRECTIONS
@@ -432,6 +444,7 @@ class SequenceSettings:
         """Keyword arguments for `mopd_loss`."""
         return {
             "alpha": self.alpha,
+            "distill_coef": self.distill_coef,
             "eps_low": self.eps_low,
             "eps_high": self.eps_high,
             "correction": self.correction,
@@ -460,6 +473,7 @@ def sequence_settings(
 
     return SequenceSettings(
         alpha=floats("alpha"),
+        distill_coef=floats("distill_coef"),
         eps_low=floats("eps_low"),
         eps_high=floats("eps_high"),
         correction=codes("correction", CORRECTIONS),

@@ -55,6 +55,12 @@ def test_defaults_and_overrides(tmp_path):
         (["loss.eps_low=2"], "need 0 <= eps_low <= 1 <= eps_high"),
         (["loss.per_domain.add.eps_high=0.5"], "loss.per_domain.add: need 0 <= eps_low"),
         (["loss.alpha=1"], "set rewards.<domain>"),
+        (["loss.distill_coef=0"], "loss: distill_coef=0 and alpha=0 leave nothing to learn"),
+        (["loss.distill_coef=-1"], "loss.distill_coef=-1.0 must be >= 0"),
+        (
+            ["loss.per_domain.add.distill_coef=0"],
+            "loss.per_domain.add: distill_coef=0 and alpha=0",
+        ),
         (["rollout.temperature=0.7"], "rollout.temperature=0.7"),
         (["rollout.backend=sglang"], "rollout.urls is empty"),
         (["teachers.t.domains=[a]"], "teachers.t.hf_path is required"),

@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import make_models
 
 from megatron_mopd.config import ModelConfig
@@ -19,7 +20,7 @@ from megatron_mopd.convert import (
     model_config_from_hf,
     save_hf_checkpoint,
 )
-from megatron_mopd.convert.hf import _read_shard
+from megatron_mopd.convert.hf import SafetensorsStreamWriter, _read_shard
 from megatron_mopd.convert.mapping import (
     COPY,
     GATE_UP,
@@ -208,3 +209,52 @@ def test_save_hf_checkpoint_single_file_and_duplicates(tmp_path):
     assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
     with pytest.raises(ValueError, match="given twice"):
         save_hf_checkpoint(iter(tensors + tensors[:1]), cfg, tmp_path / "two")
+
+
+def test_stream_writer_reads_back_like_safetensors(tmp_path):
+    """Every dtype, non-contiguous and empty tensors, metadata: what safetensors reads back
+    from the streamed file equals what it reads from its own `save_file` of the same tensors."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.f32": torch.randn(3, 5, generator=g),
+        "w.bf16": torch.randn(7, generator=g).bfloat16(),
+        "w.f16": torch.randn(2, 2, generator=g).half(),
+        "i.t": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # non-contiguous
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+    }
+    w = SafetensorsStreamWriter(str(tmp_path / "ours.safetensors"), {"format": "pt"})
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.close()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors")
+    ours, ref = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "ref.safetensors")
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert sorted(os.listdir(tmp_path)) == ["ours.safetensors", "ref.safetensors"]  # no spool
+
+
+def test_save_hf_checkpoint_shards_stream_and_clean_up_on_error(tmp_path):
+    cfg = {"model_type": "llama"}
+    tensors = [(f"t{i}.weight", torch.full((256,), float(i))) for i in range(5)]  # 1 KiB each
+    save_hf_checkpoint(iter(tensors), cfg, tmp_path / "sharded", max_shard_bytes=2048)
+    files = sorted(os.listdir(tmp_path / "sharded"))
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert files == ["config.json", *shards, "model.safetensors.index.json"]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 1024
+    for name, t in tensors:
+        got = load_file(tmp_path / "sharded" / index["weight_map"][name])[name]
+        assert torch.equal(got, t)
+
+    def failing():
+        yield tensors[0]
+        raise RuntimeError("gather failed")
+
+    with pytest.raises(RuntimeError, match="gather failed"):
+        save_hf_checkpoint(failing(), cfg, tmp_path / "broken")
+    assert os.listdir(tmp_path / "broken") == []  # no spool, no half-written shard

@@ -623,3 +623,26 @@ def test_parse_size():
     assert parse_size("123") == 123
     with pytest.raises(UserError):
         parse_size("lots")
+
+
+def test_factory_merge_reuses_the_parameter():
+    """`merge_in_place`: pieces loaded into views of the parameter merge to the parameter
+    itself (no copy); pieces elsewhere (e.g. a strategy that loaded into new tensors) go
+    through the factory's own merge."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from megatron_mopd.convert.mcore import merge_in_place
+
+    param = torch.arange(12.0).reshape(4, 3)
+    calls = []
+
+    def merge(parts):
+        calls.append(len(parts))
+        return torch.cat(parts)
+
+    factory = ShardedTensorFactory("w", param, lambda *a: None, merge, replica_id=0)
+    merge_in_place({"model": {"w": factory}})
+    assert factory.merge_fn(list(torch.chunk(param, 2))) is param and calls == []
+    copies = [t.clone() for t in torch.chunk(param, 2)]
+    out = factory.merge_fn(copies)
+    assert calls == [2] and torch.equal(out, param) and out.data_ptr() != param.data_ptr()

@@ -53,7 +53,9 @@ def ref_weight(t: float, ro: float, lo: float, hi: float, correction: str) -> fl
     return 1.0
 
 
-def ref_loss(train, rollout, teacher, mask, orm, alpha, lo, hi, correction, n_global=None):
+def ref_loss(
+    train, rollout, teacher, mask, orm, alpha, lo, hi, correction, n_global=None, coef=1.0
+):
     """Loss, its gradient w.r.t. train, and token-mean metrics, by explicit loops."""
     B, T = len(train), len(train[0])
     n_global = B if n_global is None else n_global
@@ -69,7 +71,8 @@ def ref_loss(train, rollout, teacher, mask, orm, alpha, lo, hi, correction, n_gl
             hi_i = hi[i] if isinstance(hi, list) else hi
             c = correction[i] if isinstance(correction, list) else correction
             w = ref_weight(train[i][t], rollout[i][t], lo_i, hi_i, c)
-            adv = teacher[i][t] - train[i][t] + (a * orm[i] if orm is not None else 0.0)
+            k = coef[i] if isinstance(coef, list) else coef
+            adv = k * (teacher[i][t] - train[i][t]) + (a * orm[i] if orm is not None else 0.0)
             total += -w * adv * train[i][t] / n / n_global
             grad[i][t] = -w * adv / n / n_global
             r = math.exp(train[i][t] - rollout[i][t])
@@ -182,14 +185,16 @@ def test_mopd_advantages_match_reference(seed):
     train, _, teacher, _, orm = random_batch(seed)
     train.requires_grad_(True)
     alpha = torch.rand(train.shape[0], dtype=F64)
-    for orm_arg, alpha_arg in ((None, 1.0), (orm, 0.3), (orm, alpha)):
-        out = mopd_advantages(teacher, train, orm_arg, alpha_arg)
+    cases = ((None, 1.0, 1.0), (orm, 0.3, 1.0), (orm, alpha, 1.0), (orm, 1.0, 0.0))
+    for orm_arg, alpha_arg, coef in (*cases, (orm, 0.5, alpha)):
+        out = mopd_advantages(teacher, train, orm_arg, alpha_arg, coef)
         assert not out.requires_grad
         for i in range(train.shape[0]):
             a = alpha_arg[i].item() if isinstance(alpha_arg, torch.Tensor) else alpha_arg
+            k = coef[i].item() if isinstance(coef, torch.Tensor) else coef
             extra = a * orm[i].item() if orm_arg is not None else 0.0
             for t in range(train.shape[1]):
-                ref = teacher[i, t].item() - train[i, t].item() + extra
+                ref = k * (teacher[i, t].item() - train[i, t].item()) + extra
                 assert out[i, t].item() == pytest.approx(ref, rel=1e-12, abs=1e-12)
 
 
@@ -228,6 +233,44 @@ def test_loss_and_gradient_match_reference(seed, correction, with_orm):
     n = mask.sum(-1, keepdim=True).clamp(min=1)
     analytic = -mask * w * adv / n / train.shape[0]
     assert torch.allclose(grad_train, analytic, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_distill_coef_scales_the_teacher_term(seed):
+    """`distill_coef` per sequence (0 = outcome reward only, the ablation's ORM-only arm)
+    on the sampled and the top-k estimators, against the loop reference."""
+    train, rollout, teacher, mask, orm = random_batch(seed)
+    train.requires_grad_(True)
+    coef = [0.0, 1.0, 0.5, 0.0, 2.0]
+    loss, _ = mopd_loss(
+        train, rollout, teacher, mask, orm, alpha=0.7, eps_low=0.5, eps_high=2.0,
+        distill_coef=torch.tensor(coef, dtype=F64),
+    )  # fmt: skip
+    ref, ref_grad, _ = ref_loss(
+        train.tolist(), rollout.tolist(), teacher.tolist(), mask.tolist(), orm.tolist(),
+        0.7, 0.5, 2.0, "icepop", coef=coef,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, train)
+    assert torch.allclose(grad, torch.tensor(ref_grad, dtype=F64), rtol=1e-10, atol=1e-14)
+    # ORM only: the teacher's log-probs do not matter at all
+    orm_only = [
+        mopd_loss(train, rollout, t, mask, orm, 0.7, distill_coef=0.0)[0].item()
+        for t in (teacher, torch.zeros_like(teacher))
+    ]
+    assert orm_only[0] == orm_only[1] and orm_only[0] != loss.item()
+    # top-k: the KL term is scaled by the coefficient, the ORM term is not
+    K = 3
+    g = torch.Generator().manual_seed(7 + seed)
+    s_k = torch.log_softmax(torch.randn(5, 7, K + 2, generator=g, dtype=F64), -1)[..., :K]
+    t_k = torch.log_softmax(torch.randn(5, 7, K + 2, generator=g, dtype=F64), -1)[..., :K]
+    kw = dict(estimator="topk_reverse_kl", student_topk_logprobs=s_k, teacher_topk_logprobs=t_k)
+    full, _ = mopd_loss(train, rollout, teacher, mask, orm, 0.7, **kw)
+    kl_only, _ = mopd_loss(train, rollout, teacher, mask, None, **kw)
+    orm_part, _ = mopd_loss(train, rollout, teacher, mask, orm, 0.7, distill_coef=0.0, **kw)
+    half, _ = mopd_loss(train, rollout, teacher, mask, orm, 0.7, distill_coef=0.5, **kw)
+    assert full.item() == pytest.approx(kl_only.item() + orm_part.item(), rel=1e-10)
+    assert half.item() == pytest.approx(0.5 * kl_only.item() + orm_part.item(), rel=1e-10)
 
 
 def test_loss_edges():

@@ -12,8 +12,8 @@ counted once), and the kernel's high-water mark of the largest process (`ru_maxr
 children) is read when it ends. Reported per direction: wall time, peak RSS / PSS as
 multiples of the model's size in bytes, and the same above a baseline process that only
 imports what the command imports (torch, megatron-core, transformers). `mcore-to-hf` runs
-twice: with the default 2 GB shards (here the whole model is one shard, held while it is
-written) and with `--small-shard-mb` shards (memory above the model bounded by one shard).
+twice: with the default 2 GB shards and with `--small-shard-mb` shards; tensors are streamed
+to the safetensors files one at a time, so the shard size should not change the peak.
 The target: peak memory under 2.5x the model size.
 
 Left out: timing under torchrun (on these 2-core machines several processes only share

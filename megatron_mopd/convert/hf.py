@@ -354,6 +354,75 @@ def _to_hf_tensors(
 # writing
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsStreamWriter:
+    """Writes one safetensors file a tensor at a time, holding no more than one tensor.
+
+    The format puts a JSON header (names, dtypes, shapes, byte offsets) before the data, and
+    the names are known only at the end; so the data goes to `path + ".data"` as tensors
+    arrive, and `close()` writes the header followed by that data (copied in 16 MiB
+    blocks) to `path`. Memory stays at one tensor; disk traffic is twice the file.
+    """
+
+    def __init__(self, path: str, metadata: dict[str, str] | None = None):
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.nbytes = 0
+        self._data_path = path + ".data"
+        self._data = open(self._data_path, "wb")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append `tensor` under `name`."""
+        if name in self.entries:
+            raise ValueError(f"{self.path}: tensor {name} written twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors name")
+        t = tensor.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        if size:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.nbytes, self.nbytes + size],
+        }
+        self.nbytes += size
+
+    def close(self) -> None:
+        """Write the file (header, then the data) and remove the data spool."""
+        self._data.close()
+        header: dict[str, Any] = {"__metadata__": self.metadata} if self.metadata else {}
+        header.update(self.entries)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors does
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 1024**2)
+        os.remove(self._data_path)
+
+    def abort(self) -> None:
+        """Drop what was written."""
+        self._data.close()
+        for p in (self._data_path, self.path):
+            if os.path.exists(p):
+                os.remove(p)
+
+
 def save_hf_checkpoint(
     state_dict_iter: Iterable[tuple[str, torch.Tensor]],
     config: ModelConfig | dict[str, Any],
@@ -367,39 +436,45 @@ def save_hf_checkpoint(
     one shard suffices, else `model-0000i-of-0000n.safetensors` plus
     `model.safetensors.index.json`), then `config.json` (from a dict, or derived from a
     `ModelConfig`), then tokenizer files copied from `tokenizer_dir` (default: the config's
-    `hf_path`). Files are written under temporary names and renamed when complete. Call it
-    on one rank; on the others, exhaust the export iterator instead (see `export_hf_checkpoint`).
+    `hf_path`). Tensors are streamed to disk as they come (`SafetensorsStreamWriter`), so
+    memory holds one tensor, not one shard. Files are written under temporary names and
+    renamed when complete. Call it on one rank; on the others, exhaust the export iterator
+    instead (see `export_hf_checkpoint`).
     """
-    from safetensors.torch import save_file
-
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     written: list[tuple[str, list[str]]] = []  # temp file, tensor names
+    seen: set[str] = set()
     dtypes: set[torch.dtype] = set()
     total = 0
-    batch: dict[str, torch.Tensor] = {}
-    batch_bytes = 0
+    shard: SafetensorsStreamWriter | None = None
 
     def flush() -> None:
-        nonlocal batch, batch_bytes
-        if not batch:
-            return
-        tmp = os.path.join(out_dir, f".tmp-shard-{len(written):05d}.safetensors")
-        save_file(batch, tmp, metadata={"format": "pt"})
-        written.append((tmp, list(batch)))
-        batch, batch_bytes = {}, 0
+        nonlocal shard
+        if shard is not None and shard.entries:
+            shard.close()
+            written.append((shard.path, list(shard.entries)))
+        shard = None
 
-    for name, tensor in state_dict_iter:
-        if name in batch or any(name in names for _, names in written):
-            raise ValueError(f"save_hf_checkpoint: tensor {name} given twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if batch and batch_bytes + nbytes > max_shard_bytes:
-            flush()
-        batch[name] = tensor.detach().cpu().contiguous()
-        batch_bytes += nbytes
-        total += nbytes
-        dtypes.add(tensor.dtype)
-    flush()
+    try:
+        for name, tensor in state_dict_iter:
+            if name in seen:
+                raise ValueError(f"save_hf_checkpoint: tensor {name} given twice")
+            seen.add(name)
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard is not None and shard.entries and shard.nbytes + nbytes > max_shard_bytes:
+                flush()
+            if shard is None:
+                tmp = os.path.join(out_dir, f".tmp-shard-{len(written):05d}.safetensors")
+                shard = SafetensorsStreamWriter(tmp, metadata={"format": "pt"})
+            shard.add(name, tensor)
+            total += nbytes
+            dtypes.add(tensor.dtype)
+        flush()
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
 
     n = len(written)
     weight_map: dict[str, str] = {}

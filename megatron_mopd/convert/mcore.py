@@ -398,6 +398,39 @@ def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
+def merge_in_place(sharded: dict[str, Any]) -> None:
+    """Make the sharded state dict's tensor factories (e.g. the experts' fused fc1, saved as
+    two halves) merge without a copy.
+
+    A factory's pieces are views into its parameter and dist_checkpointing loads into them
+    in place, so the parameter already holds the merged tensor; megatron-core's merge would
+    concatenate them into a new tensor (the whole model's fc1 weights held twice while
+    loading). Each factory's `merge_fn` is wrapped to return the parameter itself when every
+    loaded piece is a view of it, and to fall back to the original merge otherwise.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    for factory in nested_values(sharded):
+        if isinstance(factory, ShardedTensorFactory):
+            factory.merge_fn = _merge_views(factory.merge_fn, factory.data)
+
+
+def _merge_views(merge_fn: Any, data: torch.Tensor) -> Any:
+    def merge(sub_state_dict: Any) -> Any:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        parts = list(nested_values(sub_state_dict))
+        base = data.untyped_storage().data_ptr()
+        if parts and all(
+            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == base for t in parts
+        ):
+            return data
+        return merge_fn(sub_state_dict)
+
+    return merge
+
+
 def load_model_state(model_chunks: list[Any], loaded: dict[str, Any]) -> None:
     """Copy a loaded `model_sharded_state_dict` into the chunks (strict: every key)."""
     from megatron_mopd.convert.mapping import unwrap
@@ -485,6 +518,7 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     mcore_dir = os.fspath(mcore_dir)
     read_mcore_metadata(mcore_dir)  # every rank sees the same shared folder
     sharded = model_sharded_state_dict(model_chunks)
+    merge_in_place(sharded)
     error = None
     try:
         with dist_checkpointing_io():
@@ -626,7 +660,7 @@ def mcore_to_hf(
 
     init_distributed(parallel, model_cfg, seed=model_cfg.seed)
     try:
-        chunks = build_model(model_cfg, parallel, init_params=False)
+        chunks = build_model(model_cfg, parallel, init_params=False, megatron_init=False)
         load_mcore_checkpoint(chunks, mcore_dir)
         tensors = export_hf_state_dict(chunks, model_cfg, dst=0, dtype=_TORCH_DTYPES[out_dtype])
         error = None

@@ -187,13 +187,18 @@ def build_model(
     parallel_cfg: ParallelConfig,
     *,
     init_params: bool = True,
+    megatron_init: bool = True,
 ) -> list[Any]:
     """Build this rank's model chunks: `[GPTModel]` holding this rank's PP stage.
 
     Needs `distributed.init_distributed` first. With `init_params` (the default) the
     parameters get the layout-independent random init described in the module docstring;
-    pass False when a checkpoint is loaded next. Parameters live on the CPU without CUDA,
-    else on the current CUDA device.
+    pass False when a checkpoint is loaded next. `megatron_init=False` also skips
+    Megatron's own initialisation (which, on CPU, builds each weight's full unsharded
+    master copy and marks the TP-sharded weights): parameters are only allocated, the
+    least memory for loading a checkpoint to export it, but not for training (the grad
+    norm needs those marks). Parameters live on the CPU without CUDA, else on the current
+    CUDA device.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -210,6 +215,10 @@ def build_model(
     ):
         raise RuntimeError("build_model: parallel_cfg differs from the initialised layout")
     config = to_transformer_config(model_cfg, parallel_cfg)
+    if not megatron_init:
+        if init_params:
+            raise ValueError("build_model: init_params needs megatron_init")
+        config.perform_initialization = False
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model_cfg),

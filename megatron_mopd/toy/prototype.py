@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -56,6 +57,8 @@ class ProtoConfig:
     samples_per_prompt: int = 4
     lr: float = 3e-4
     warmup_steps: int = 20
+    lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"  # over max_steps
+    min_lr: float = 0.0
     max_steps: int = 400
     clip_grad: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -197,6 +200,19 @@ def mopd_loss(
     return loss, m
 
 
+def lr_at(step: int, cfg: ProtoConfig) -> float:
+    """The learning rate of step `step` (1-based): linear warmup over `warmup_steps`, then
+    `lr_decay_style` from `lr` to `min_lr` at `max_steps` (Megatron's schedule shape)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(1, cfg.warmup_steps)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_decay_style == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.lr_decay_style == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * frac
+    return cfg.lr
+
+
 @dataclass
 class ProtoResult:
     """What a prototype run measured."""
@@ -273,7 +289,7 @@ def run(
         t2 = time.perf_counter()
         # 3. train
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+            g["lr"] = lr_at(step, cfg)
         lp = logprobs_all(student, batch.ids_B_T)
         loss, m = mopd_loss(lp, tlp, batch, cfg, tok.eos_token_id, gen)
         opt.zero_grad(set_to_none=True)
