@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format clean install
+.PHONY: demo ablation test test-all lint format clean install
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): setup.py constraints.txt
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd demo
+
+ablation: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd ablation
 
 test: $(STAMP)
 	$(PY) -m pytest -q

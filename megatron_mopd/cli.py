@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("score", "per-token log-probs of token sequences from an SGLang server"),
     "serve": ("serve", "serve a Hugging Face model on CPU behind SGLang's HTTP API"),
     "demo": ("demo", "the CPU demo: toy teachers, a weak student, MOPD, a table"),
+    "ablation": ("ablation", "ORM-only RL vs MOPD (and dense vs sampled) on the CPU toy"),
 }
 
 

@@ -179,6 +179,12 @@ class RolloutConfig:
     max_retries: int = 3
     max_in_flight: int = 32
     weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+    # weight_sync=distributed (GPU): the NCCL group formed at start-up between the trainer's
+    # rank 0 (group rank 0, at this address and port, which the servers must reach; default:
+    # this host's name) and every server's TP ranks (`server_tp_size` per server)
+    weight_sync_address: str | None = None
+    weight_sync_port: int = 29650
+    server_tp_size: int = 1
     # sglang backend: prompts per /generate request, backoff of the first retry (doubles
     # each time), how long to wait for GET /health_generate at start-up
     batch_size: int = 16
@@ -196,6 +202,9 @@ class RolloutConfig:
             )
         if self.backend == "sglang" and not self.urls:
             raise ConfigError(f"{path}.urls is empty: the sglang backend needs at least one URL")
+        _positive(self, "server_tp_size", path)
+        if not 0 < self.weight_sync_port < 65536:
+            raise ConfigError(f"{path}.weight_sync_port={self.weight_sync_port} is not a port")
 
 
 @dataclass
@@ -389,6 +398,18 @@ class Config:
                     "loss.alpha != 0 adds an outcome-reward advantage: set rewards.<domain> "
                     "(exact_match, math or module:function) for every domain"
                 )
+        for name, teacher in self.teachers.items():
+            for d in teacher.domains:
+                est = self.loss.for_domain(d).estimator
+                if est != "sampled" and teacher.top_k < 1:
+                    over = self.loss.per_domain.get(d)
+                    where = "loss.estimator"
+                    if over is not None and over.estimator is not None:
+                        where = f"loss.per_domain.{d}.estimator"
+                    raise ConfigError(
+                        f"{where}={est} needs the teacher's top-k log-probs: set "
+                        f"teachers.{name}.top_k (e.g. 8) for domain {d!r}"
+                    )
         if not (self.model.hf_path or self.model.mcore_path):
             # with a checkpoint, the architecture is read from it and checked then
             # (student.load.resolve_model_config); the fields here are placeholders

@@ -19,10 +19,12 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   next URL. One sglang-router URL works the same way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
-- Each request has a `timeout` (seconds, for the whole answer; connecting has its own
-  shorter one). Connection errors, dropped connections, timeouts and 5xx answers are
-  retried up to `max_retries` times with exponential backoff and jitter; a 4xx answer
-  (a bad request: retrying cannot help) is not.
+- Connections are kept alive and reused (stdlib `http.client`, a small pool per URL).
+  Each request has a `timeout` (seconds the server may stay silent while the request is
+  sent or the answer awaited and read; connecting has its own shorter one). Connection
+  errors, dropped connections, timeouts and 5xx answers are retried up to `max_retries`
+  times with exponential backoff and jitter; a 4xx answer (a bad request: retrying
+  cannot help) is not.
 - Every answer is checked before use: one object per sequence, the leading `null`, one
   `[logprob, token_id, ...]` per token with the token ids that were sent, and every
   log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
@@ -36,18 +38,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.client
 import itertools
 import json
 import math
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from megatron_mopd.errors import TeacherError
 
@@ -140,12 +143,8 @@ class SGLangClient:
         self._rr = itertools.count()
         self._rr_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(self.timeout, connect=min(connect_timeout, self.timeout)),
-            limits=httpx.Limits(
-                max_connections=self.max_in_flight + 4,
-                max_keepalive_connections=self.max_in_flight + 4,
-            ),
+        self._http = _ConnectionPool(
+            self.timeout, min(connect_timeout, self.timeout), max_idle=self.max_in_flight + 4
         )
 
     # ---------------------------------------------------------------- plumbing
@@ -176,13 +175,16 @@ class SGLangClient:
         label: str = "request",
         url: str | None = None,
         cancel: threading.Event | None = None,
+        parse: Callable[[Any, str], Any] | None = None,
     ) -> tuple[Any, str]:
         """Send one request with retries; return (decoded JSON or text, URL that answered).
 
         `url` pins the server (no round robin); otherwise each attempt takes the next URL.
+        `parse(answer, url)`, if given, turns the decoded answer into what is returned; it
+        runs with the GC paused, and the answer is freed before the GC resumes, so its
+        ~10^4 small lists are never traversed by a collection (`gc_paused`).
         """
         content = _dumps(body) if body is not None else None
-        headers = {"Content-Type": "application/json"} if content is not None else None
         attempts = self.max_retries + 1
         last = ""
         last_url = url or self.urls[0]
@@ -192,22 +194,23 @@ class SGLangClient:
             target = url or self._next_url()
             last_url = target
             try:
-                resp = self._http.request(method, target + path, content=content, headers=headers)
-            except httpx.TimeoutException:
+                resp = self._http.send(method, target, path, content)
+            except TimeoutError:
                 last = f"timed out after {self.timeout:g} s"
-            except httpx.TransportError as e:
+            except (OSError, http.client.HTTPException) as e:
                 last = f"connection error ({type(e).__name__}: {e})"
             else:
-                if resp.status_code < 400:
+                if resp.status < 400:
                     with gc_paused():
-                        return _decode(resp), target
+                        if parse is None:
+                            return _decode(resp), target
+                        return parse(_decode(resp), target), target
                 message = _error_text(resp)
-                if resp.status_code < 500:
+                if resp.status < 500:
                     raise TeacherError(
-                        f"{target}{path}: {label} was refused with HTTP {resp.status_code}: "
-                        f"{message}"
+                        f"{target}{path}: {label} was refused with HTTP {resp.status}: {message}"
                     )
-                last = f"HTTP {resp.status_code}: {message}"
+                last = f"HTTP {resp.status}: {message}"
             if attempt + 1 < attempts:
                 delay = min(self.max_backoff_seconds, self.backoff_seconds * 2**attempt)
                 time.sleep(delay * (0.5 + random.random() / 2))
@@ -234,13 +237,13 @@ class SGLangClient:
             while True:
                 left = deadline - time.monotonic()
                 try:
-                    resp = self._http.get(
-                        url + "/health_generate", timeout=max(0.1, min(left, 30.0))
+                    resp = self._http.send(
+                        "GET", url, "/health_generate", None, timeout=max(0.1, min(left, 30.0))
                     )
-                    if resp.status_code == 200:
+                    if resp.status == 200:
                         break
-                    last = f"HTTP {resp.status_code}"
-                except httpx.HTTPError as e:
+                    last = f"HTTP {resp.status}"
+                except (OSError, http.client.HTTPException) as e:
                     last = f"{type(e).__name__}: {e}"
                 if time.monotonic() + interval > deadline:
                     raise TeacherError(
@@ -338,23 +341,29 @@ class SGLangClient:
             }
             a, b = index_offset + lo, index_offset + hi - 1
             label = f"scoring request for sequences {a}..{b}"
-            answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
-            with gc_paused():
+
+            def parse(answer: Any, url: str) -> list[ScoredSequence]:
+                n = hi - lo
+                if not isinstance(answer, list) or len(answer) != n:
+                    _item(answer, url, label, 0, n)  # raises, naming what came instead
                 return [
                     _check_scored(
-                        answer,
+                        answer[j],
                         url,
                         label,
                         j,
-                        hi - lo,
                         a + j,
                         seqs[lo + j],
                         common,
                         starts_l[lo + j],
                         top_k,
                     )
-                    for j in range(hi - lo)
+                    for j in range(n)
                 ]
+
+            return self.request("POST", "/generate", body, label=label, cancel=cancel, parse=parse)[
+                0
+            ]
 
         return self._map(len(seqs), batch_size, run, progress)
 
@@ -389,14 +398,18 @@ class SGLangClient:
                 "return_text_in_logprobs": False,
             }
             label = f"generate request {r} (prompts {lo}..{hi - 1})"
-            answer, url = self.request("POST", "/generate", body, label=label, cancel=cancel)
-            if single:
-                answer = [answer]
-            with gc_paused():
+
+            def parse(answer: Any, url: str) -> list[Generation]:
+                if single:
+                    answer = [answer]
                 return [
                     _check_generation(answer, url, label, j, lo + j, hi - lo)
                     for j in range(hi - lo)
                 ]
+
+            return self.request("POST", "/generate", body, label=label, cancel=cancel, parse=parse)[
+                0
+            ]
 
         return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
 
@@ -416,61 +429,64 @@ def _item(answer: Any, url: str, label: str, j: int, n: int) -> dict:
 
 
 def _check_scored(
-    answer: Any,
+    item: Any,
     url: str,
     label: str,
     j: int,
-    n: int,
     index: int,
     ids: list[int],
     sent_start: int,
     start: int,
     top_k: int,
 ) -> ScoredSequence:
-    """Turn item `j` of a scoring answer (n items, sent with `logprob_start_len =
-    sent_start`) into the log-probs of tokens `start..`, or raise `TeacherError`."""
-    meta = _item(answer, url, label, j, n)["meta_info"]
-    where = f"{url}: {label}, sequence {index}"
+    """Turn item `j` of a scoring answer (sent with `logprob_start_len = sent_start`) into
+    the log-probs of tokens `start..`, or raise `TeacherError`."""
+    meta = item.get("meta_info") if isinstance(item, dict) else None
+    if not isinstance(meta, dict):
+        raise TeacherError(f"{url}: {label}, item {j}: no meta_info in the answer")
     entries = meta.get("input_token_logprobs")
     expected = len(ids) - sent_start
     if not isinstance(entries, list) or len(entries) != expected:
         got = len(entries) if isinstance(entries, list) else repr(entries)[:50]
         raise TeacherError(
-            f"{where}: {got} input_token_logprobs for {len(ids)} tokens from "
-            f"logprob_start_len={sent_start}; expected {expected}"
+            f"{url}: {label}, sequence {index}: {got} input_token_logprobs for {len(ids)} "
+            f"tokens from logprob_start_len={sent_start}; expected {expected}"
         )
-    skip = start - sent_start  # entries before token `start` (the leading null included)
     first = entries[0]
     if not isinstance(first, list | tuple) or len(first) < 2 or first[0] is not None:
         raise TeacherError(
-            f"{where}: the first input_token_logprobs entry is {first!r}; the contract "
-            "gives a leading null"
+            f"{url}: {label}, sequence {index}: the first input_token_logprobs entry is "
+            f"{first!r}; the contract gives a leading null"
         )
-    logprobs = _fast_logprobs(entries[skip:], ids[start:])
-    if logprobs is None:  # something is off: find it and name it
+    skip = start - sent_start  # entries before token `start` (the leading null included)
+    logprobs = _fast_logprobs(entries, skip, ids, start)
+    if logprobs is None:  # something is off: find the first bad entry and name it
+        where = f"{url}: {label}, sequence {index}"
         logprobs = _checked_logprobs(entries, ids, skip, sent_start, where)
+    if top_k <= 0:
+        return ScoredSequence(logprobs)
+    where = f"{url}: {label}, sequence {index}"
     result = ScoredSequence(logprobs)
-    if top_k > 0:
-        tops = meta.get("input_top_logprobs")
-        if not isinstance(tops, list) or len(tops) != expected:
-            raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
-        result.top_ids, result.top_logprobs = [], []
-        for k in range(skip, expected):
-            row = tops[k]
-            pos = sent_start + k
-            if not isinstance(row, list) or len(row) != top_k:
-                got = len(row) if isinstance(row, list) else repr(row)
-                raise TeacherError(f"{where}: token {pos}: {got} top log-probs, expected {top_k}")
-            ids_k, lps_k = [], []
-            for e in row:
-                if not isinstance(e, list | tuple) or len(e) < 2 or not _is_logprob(e[0]):
-                    raise TeacherError(f"{where}: token {pos}: bad top log-prob entry {e!r}")
-                if not isinstance(e[1], int) or isinstance(e[1], bool):
-                    raise TeacherError(f"{where}: token {pos}: bad top token id {e[1]!r}")
-                ids_k.append(e[1])
-                lps_k.append(float(e[0]))
-            result.top_ids.append(ids_k)
-            result.top_logprobs.append(lps_k)
+    tops = meta.get("input_top_logprobs")
+    if not isinstance(tops, list) or len(tops) != expected:
+        raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
+    result.top_ids, result.top_logprobs = [], []
+    for k in range(skip, expected):
+        row = tops[k]
+        pos = sent_start + k
+        if not isinstance(row, list) or len(row) != top_k:
+            got = len(row) if isinstance(row, list) else repr(row)
+            raise TeacherError(f"{where}: token {pos}: {got} top log-probs, expected {top_k}")
+        ids_k, lps_k = [], []
+        for e in row:
+            if not isinstance(e, list | tuple) or len(e) < 2 or not _is_logprob(e[0]):
+                raise TeacherError(f"{where}: token {pos}: bad top log-prob entry {e!r}")
+            if not isinstance(e[1], int) or isinstance(e[1], bool):
+                raise TeacherError(f"{where}: token {pos}: bad top token id {e[1]!r}")
+            ids_k.append(e[1])
+            lps_k.append(float(e[0]))
+        result.top_ids.append(ids_k)
+        result.top_logprobs.append(lps_k)
     return result
 
 
@@ -527,17 +543,18 @@ def _checked_logprobs(
     return logprobs
 
 
-def _fast_logprobs(entries: list, ids: list[int]) -> list[float] | None:
-    """The log-probs of well-formed `[logprob, id, ...]` entries for `ids`, checked in
-    bulk with C-level loops (a NaN or inf makes the sum non-finite, a positive value
-    shows in the max, a null or string raises); None when anything is off, and the
-    caller's entry-by-entry pass then finds and names the problem."""
+def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list[float] | None:
+    """The log-probs of `entries[skip:]` if they are well-formed `[logprob, id, ...]`
+    entries for `ids[start:]`, checked in bulk with C-level loops: one list of values, one
+    of ids compared with the ids sent, a sum (non-finite if any value is NaN or +-inf; a
+    null or a string raises) and a max (a positive value). None when anything is off:
+    the caller's entry-by-entry pass then finds the first bad entry and names it."""
     try:
-        vals = [e[0] for e in entries]
-        back = [e[1] for e in entries]
-        if back != ids or not vals:
-            return None if back != ids else []
-        if not (math.isfinite(sum(vals)) and max(vals) <= _MAX_LOGPROB):
+        tail = entries[skip:]
+        vals = [e[0] for e in tail]
+        if [e[1] for e in tail] != ids[start:]:
+            return None
+        if vals and not (math.isfinite(sum(vals)) and max(vals) <= _MAX_LOGPROB):
             return None
     except (TypeError, IndexError, KeyError):
         return None
@@ -559,10 +576,9 @@ def _dumps(body: Any) -> bytes:
     return json.dumps(body).encode()
 
 
-def _decode(resp: httpx.Response) -> Any:
+def _decode(resp: _Answer) -> Any:
     """JSON (orjson; stdlib json for NaN/Infinity literals) or, if not JSON, the text."""
-    data = resp.content
-    ctype = resp.headers.get("content-type", "")
+    data = resp.data
     if orjson is not None:
         try:
             return orjson.loads(data)
@@ -571,7 +587,7 @@ def _decode(resp: httpx.Response) -> Any:
     try:
         return json.loads(data)
     except ValueError:
-        if "json" in ctype:
+        if "json" in resp.content_type:
             return _BadJSON(data[:200].decode(errors="replace"))
         return data.decode(errors="replace")
 
@@ -580,15 +596,134 @@ class _BadJSON(str):
     """An answer that claimed to be JSON but was not; fails every check downstream."""
 
 
-def _error_text(resp: httpx.Response) -> str:
+def _error_text(resp: _Answer) -> str:
     """The message of an error answer (`{"error": {"message": ...}}` or plain text)."""
     try:
-        body = resp.json()
+        body = json.loads(resp.data)
     except ValueError:
-        return resp.text[:300].strip() or resp.reason_phrase
+        return resp.data[:300].decode(errors="replace").strip() or resp.reason
     if isinstance(body, dict):
         err = body.get("error", body.get("message", body))
         if isinstance(err, dict):
             err = err.get("message", err)
         return str(err)[:300]
     return str(body)[:300]
+
+
+# -------------------------------------------------------------------- HTTP
+
+
+class _Answer(NamedTuple):
+    """A whole HTTP answer."""
+
+    status: int
+    reason: str
+    content_type: str
+    data: bytes
+
+
+class _ConnectionPool:
+    """Keep-alive HTTP/1.1 connections (stdlib `http.client`), per server, shared by threads.
+
+    Each request takes an idle connection to its server, or opens one, and gives it back
+    once the answer is read in full; a connection that failed, timed out or is to be
+    closed is dropped. An idle connection the server closed meanwhile (uvicorn closes
+    them after 5 s) shows as readable and is dropped before use, as httpcore does.
+    http.client costs ~0.2 ms of CPU per 250 kB answer where httpx costs ~1.2 ms, which
+    is most of the client's overhead per scoring request (tools/bench_scoring.py).
+
+    `send` raises `TimeoutError` (connecting, or no byte for `timeout` seconds while
+    sending or reading), `OSError` or `http.client.HTTPException` (refused, dropped, ...).
+    """
+
+    def __init__(self, timeout: float, connect_timeout: float, max_idle: int) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self._prefix: dict[str, str] = {}  # base URL -> its path ("" for most servers)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(
+        self,
+        method: str,
+        base: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None = None,
+    ) -> _Answer:
+        """`method base+path` with `body` (JSON); the whole answer."""
+        timeout = self.timeout if timeout is None else timeout
+        conn = self._take(base)
+        if conn is None:
+            conn = self._connect(base, min(self.connect_timeout, timeout))
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            conn.sock.settimeout(timeout)
+            conn.request(method, self._prefix[base] + path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except BaseException:
+            conn.close()
+            raise
+        answer = _Answer(resp.status, resp.reason, resp.getheader("Content-Type") or "", data)
+        if resp.will_close:
+            conn.close()
+        else:
+            self._give(base, conn)
+        return answer
+
+    def close(self) -> None:
+        """Close the idle connections (those in use are closed when given back)."""
+        with self._lock:
+            self._closed = True
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+    def _connect(self, base: str, connect_timeout: float) -> http.client.HTTPConnection:
+        u = urlsplit(base)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = cls(u.hostname or "", u.port, timeout=connect_timeout)
+        self._prefix[base] = u.path.rstrip("/")  # a server behind a path prefix
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _take(self, base: str) -> http.client.HTTPConnection | None:
+        while True:
+            with self._lock:
+                idle = self._idle.get(base)
+                conn = idle.pop() if idle else None
+            if conn is None or _still_open(conn):
+                return conn
+            conn.close()
+
+    def _give(self, base: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(base, [])
+            if not self._closed and len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection is usable if nothing is readable on it: readable
+    means the server closed it (EOF) or sent something unasked."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return not poller.poll(0)
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False

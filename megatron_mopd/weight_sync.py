@@ -11,7 +11,7 @@ of every TP/PP/EP rank); the engine lives on the driver (global rank 0), other r
 | embedded | (any) | HF-named tensors gathered to rank 0 and copied into the engine's model in memory |
 | sglang | `disk` | an HF folder written atomically to `RUN_DIR/weights/step_N` (temp dir + rename), then `POST /update_weights_from_disk`; older folders are removed |
 | sglang | `tensor` | `engine.update_weights_from_tensor(named_tensors, version)` (same-node, GPU) |
-| sglang | `distributed` | `engine.update_weights_from_distributed(named_tensors, version)` (NCCL broadcast into the servers, GPU; the driver calls `engine.init_weights_update_group(...)` once at start-up) |
+| sglang | `distributed` | `engine.update_weights_from_distributed(named_tensors, version)` (NCCL broadcast into the servers, GPU; `rollout.build_rollout_engine` calls `engine.init_weights_update_group(...)` once at start-up, from `rollout.weight_sync_address/_port/server_tp_size`) |
 
 The `tensor` and `distributed` paths need CUDA and SGLang servers, so they are written
 against the SGLang engine's client methods but are not exercised on CPU machines. For the
@@ -104,7 +104,7 @@ def sync_weights(
             _client_method(engine, "update_weights_from_tensor")(named, version)
         return version
     if mode == "distributed":  # GPU-only (NCCL group with the servers): not exercised on CPU
-        # the engine's group must exist: `engine.init_weights_update_group(...)` at start-up
+        # the group was formed at start-up (rollout.factory.build_rollout_engine)
         named = list(tensors)
         if is_driver:
             _client_method(engine, "update_weights_from_distributed")(named, version)

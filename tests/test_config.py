@@ -58,6 +58,11 @@ def test_defaults_and_overrides(tmp_path):
         (["loss.distill_coef=0"], "loss: distill_coef=0 and alpha=0 leave nothing to learn"),
         (["loss.distill_coef=-1"], "loss.distill_coef=-1.0 must be >= 0"),
         (
+            ["teachers.t.hf_path=/m", "teachers.t.domains=[a]", "loss.estimator=topk_reverse_kl"],
+            "loss.estimator=topk_reverse_kl needs the teacher's top-k log-probs: set "
+            "teachers.t.top_k",
+        ),
+        (
             ["loss.per_domain.add.distill_coef=0"],
             "loss.per_domain.add: distill_coef=0 and alpha=0",
         ),

@@ -658,3 +658,38 @@ def test_teacher_dies_mid_run_two_ranks(tiny, tmp_path):
     assert "teacher 'adder'" in errors[0] and f"checkpoint of step {trained}" in errors[0]
     assert checkpoints(run_dir) == [f"step_{trained:08d}"]
     assert len(list((run_dir / "checkpoints" / f"step_{trained:08d}").glob("rank_*.pt"))) == 2
+
+
+# --------------------------------------------------------------------------------------
+# the ablation's ORM-only arm: the teacher term switched off inside the Megatron step
+
+
+def test_orm_only_ignores_the_teachers(tiny, tmp_path, capsys):
+    """`loss.distill_coef=0` with `alpha=1`: swapping the two teachers changes the logged
+    reverse KL (the teachers are scored and differ) but not one loss value or gradient
+    norm; with the teacher term on, the same swap changes the loss."""
+    swapped = {
+        "adder": {"hf_path": tiny["t_rev"], "domains": ["add"]},
+        "reverser": {"hf_path": tiny["t_add"], "domains": ["rev"]},
+    }
+    rewards = {"add": "exact_match", "rev": "exact_match"}
+    rows = {}
+    for name, coef in (("orm", "0"), ("mopd", "1")):
+        for teachers in ("plain", "swapped"):
+            run = tmp_path / f"{name}_{teachers}"
+            sections = {"rewards": rewards, "train": {"max_steps": 2, "eval_interval": 0}}
+            if teachers == "swapped":
+                sections["teachers"] = swapped
+            recipe = write_recipe(
+                tmp_path / f"{name}_{teachers}.yaml", make_recipe(tiny, run, **sections)
+            )
+            code, err = train_in_process(
+                capsys, recipe, "loss.alpha=1.0", f"loss.distill_coef={coef}"
+            )
+            assert code == 0, err
+            rows[name, teachers] = metrics(run)
+    for a, b in zip(rows["orm", "plain"], rows["orm", "swapped"]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
+        kl = [k for k in a if k.startswith("reverse_kl")]
+        assert kl and any(a[k] != b[k] for k in kl)
+    assert rows["mopd", "plain"][0]["loss"] != rows["mopd", "swapped"][0]["loss"]

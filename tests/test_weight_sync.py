@@ -39,3 +39,33 @@ def test_sync_weights_embedded_and_disk(tmp_path):
     assert rank0["disk_folders"] == ["step_3"]  # step_2 rotated out, no temp folder left
     assert rank0["disk_max_diff"] < 1e-6
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(rank0["disk_files"])
+
+
+def test_distributed_sync_forms_its_group_at_start_up(monkeypatch):
+    """`rollout.weight_sync=distributed`: building the SGLang engine forms the NCCL group
+    once, with the configured address, port and server TP size (the NCCL broadcast itself
+    needs GPUs and is not run here)."""
+    import megatron_mopd.rollout.sglang as sglang_rollout
+    from megatron_mopd.config import load_config
+    from megatron_mopd.rollout.factory import build_rollout_engine
+
+    calls = []
+
+    class FakeEngine:
+        def __init__(self, rc):
+            self.urls = rc.urls
+
+        def init_weights_update_group(self, address, port, ranks_per_server=1):
+            calls.append((address, port, ranks_per_server))
+
+    monkeypatch.setattr(sglang_rollout, "SGLangRolloutEngine", FakeEngine)
+    rollout = ["rollout.backend=sglang", "rollout.urls=[http://a:1,http://b:1]"]
+    dist_keys = ["rollout.weight_sync_address=10.0.0.1", "rollout.server_tp_size=2"]
+    for sync, extra, want in (
+        ("disk", [], []),
+        ("distributed", dist_keys, [("10.0.0.1", 29650, 2)]),
+    ):
+        calls.clear()
+        cfg = load_config(None, [*rollout, f"rollout.weight_sync={sync}", *extra])
+        assert isinstance(build_rollout_engine(cfg), FakeEngine)
+        assert calls == want

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from megatron_mopd.config import Config
 from megatron_mopd.errors import ConfigError
 from megatron_mopd.rollout.base import RolloutEngine
@@ -12,7 +14,8 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
 
     `embedded` loads the student from `hf_path` (default `model.hf_path`): a student built
     from a Megatron checkpoint or at random must first be exported to an HF folder (see
-    `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`.
+    `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`; with `rollout.weight_sync=distributed` it also
+    forms the NCCL weight-update group with the servers (GPU only).
     """
     if cfg.rollout.backend == "embedded":
         from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
@@ -27,5 +30,14 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
     if cfg.rollout.backend == "sglang":
         from megatron_mopd.rollout.sglang import SGLangRolloutEngine
 
-        return SGLangRolloutEngine(cfg.rollout)
+        engine = SGLangRolloutEngine(cfg.rollout)
+        if cfg.rollout.weight_sync == "distributed":
+            # UNTESTED HERE (GPU only): the servers join the NCCL group now, once
+            rc = cfg.rollout
+            engine.init_weights_update_group(
+                rc.weight_sync_address or socket.getfqdn(),
+                rc.weight_sync_port,
+                ranks_per_server=rc.server_tp_size,
+            )
+        return engine
     raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not supported")

@@ -59,6 +59,18 @@ def evaluate_folder(hf_dir: str, eval_jsonl: str, max_new_tokens: int, domains=N
     return {d: sum(v) / len(v) for d, v in sorted(hits.items())}
 
 
+def toy_overrides(toy) -> list[str]:
+    """Recipe overrides pointing `examples/toy/mopd.yaml` at a built toy (`toy.build`), so
+    that a toy built elsewhere than runs/demo/toy is the one trained on."""
+    return [
+        f"model.hf_path={toy.student}",
+        f"data.train_path={toy.train_jsonl}",
+        f"data.eval_path={toy.eval_jsonl}",
+        f"teachers.adder.hf_path={toy.teachers['add']}",
+        f"teachers.reverser.hf_path={toy.teachers['reverse']}",
+    ]
+
+
 def _train(run_dir: str, nproc: int, overrides: list[str]) -> None:
     args = ["train", RECIPE, f"run_dir={run_dir}", *overrides]
     if nproc == 1:
@@ -133,10 +145,11 @@ def run_demo(
     toy = build_toy(run_dir)
     mopd_dir = os.path.join(run_dir, "mopd")
     shutil.rmtree(mopd_dir, ignore_errors=True)  # a fresh MOPD run each time
-    cfg = load_config(RECIPE, [f"run_dir={mopd_dir}", *(overrides or [])])
+    overrides = [*toy_overrides(toy), *(overrides or [])]
+    cfg = load_config(RECIPE, [f"run_dir={mopd_dir}", *overrides])
     print(f"== 2/3 MOPD: {cfg.train.max_steps} steps, {nproc} process(es)", flush=True)
     t_train = time.time()
-    _train(mopd_dir, nproc, overrides or [])
+    _train(mopd_dir, nproc, overrides)
     t_train = time.time() - t_train
     print("== 3/3 evaluating teachers and student on held-out prompts", flush=True)
     max_new = cfg.rollout.max_new_tokens

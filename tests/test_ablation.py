@@ -1,0 +1,87 @@
+"""The ablation's bookkeeping (`toy.ablation`): arms are valid recipes, the summary's
+"first step at the teacher's level", the table and the figure. The runs themselves are the
+trainer's (tests/test_trainer.py covers ORM-only inside the Megatron step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megatron_mopd.config import load_config
+from megatron_mopd.toy.ablation import (
+    ARMS,
+    TOLERANCE,
+    first_step_at,
+    plot,
+    print_table,
+    summarize_arm,
+)
+from megatron_mopd.toy.build import ToyBuild
+from megatron_mopd.toy.demo import RECIPE, toy_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _toy(root: str) -> ToyBuild:
+    return ToyBuild(
+        root=root,
+        tokenizer=f"{root}/tokenizer",
+        train_jsonl=f"{root}/data/train.jsonl",
+        eval_jsonl=f"{root}/data/eval.jsonl",
+        student=f"{root}/student",
+        teachers={"add": f"{root}/teachers/add", "reverse": f"{root}/teachers/reverse"},
+        teacher_accuracy={},
+        student_accuracy={},
+        seconds={},
+    )
+
+
+@pytest.mark.parametrize("arm", ARMS, ids=lambda a: a.name)
+def test_every_arm_is_a_valid_recipe(arm):
+    cfg = load_config(os.path.join(REPO, RECIPE), [*toy_overrides(_toy("/toy")), *arm.overrides])
+    assert cfg.model.hf_path == "/toy/student"
+    assert cfg.teachers["reverser"].hf_path == "/toy/teachers/reverse"
+    if arm.name == "orm_only":
+        assert cfg.loss.distill_coef == 0 and cfg.loss.alpha > 0
+    else:
+        assert cfg.loss.distill_coef == 1
+    assert (cfg.loss.estimator == "sampled") == (arm.name != "mopd_topk")
+
+
+def test_arms_differ_only_in_the_loss():
+    touched = {o.split("=")[0].split(".")[0] for a in ARMS for o in a.overrides}
+    assert touched <= {"loss", "teachers"}  # teachers: only their top_k, for the dense arm
+    assert all(o.endswith("top_k=8") for a in ARMS for o in a.overrides if o.startswith("t"))
+
+
+def test_first_step_at():
+    curve = [(0, 0.4), (10, 0.97), (20, 0.99), (30, 0.95)]
+    assert first_step_at(curve, 0.97) == 10
+    assert first_step_at(curve, 0.975) == 20
+    assert first_step_at(curve, 0.999) is None
+    assert first_step_at([], 0.5) is None
+
+
+def test_summary_table_and_figure(tmp_path, capsys):
+    teachers = {"add": 0.99, "reverse": 0.995}
+    curves = {"add": [(0, 0.46), (10, 0.98)], "reverse": [(0, 0.57), (10, 0.9)]}
+    arm = summarize_arm(ARMS[1], curves, teachers, seconds=12.34)
+    assert arm["first_step_at_teacher"] == {"add": 10, "reverse": None}
+    assert arm["final"] == {"add": 0.98, "reverse": 0.9}
+    assert arm["seconds"] == 12.3 and arm["overrides"] == list(ARMS[1].overrides)
+    summary = {
+        "teachers": teachers,
+        "tolerance": TOLERANCE,
+        "steps": 10,
+        "seed": 1,
+        "eval_interval": 10,
+        "arms": {ARMS[1].name: arm},
+    }
+    json.dumps(summary)  # what summary.json holds is plain JSON
+    print_table(summary)
+    out = capsys.readouterr().out
+    assert "step 10" in out and "never" in out and ARMS[1].name in out
+    plot(summary, str(tmp_path / "figure.png"))
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
