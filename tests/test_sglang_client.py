@@ -310,6 +310,112 @@ def test_wait_healthy_waits_for_loading(model_dir):
         srv.shutdown()
 
 
+# ----------------------------------------------------------------------------- checks, HTTP
+
+
+def _scoring_item(ids, sent_start):
+    """A well-formed answer item for `ids` sent with `logprob_start_len = sent_start`."""
+    entries = [[-0.01 * (k + 1), t, None] for k, t in enumerate(ids[sent_start:])]
+    entries[0][0] = None
+    return {"meta_info": {"input_token_logprobs": entries}}
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (None, "has log-prob None"),
+        (float("nan"), "has log-prob nan"),
+        (float("inf"), "has log-prob inf"),
+        (float("-inf"), "has log-prob -inf"),
+        (0.5, "has log-prob 0.5"),
+        ("x", "has log-prob 'x'"),
+        ("id", "answer is for id"),
+        ("short", "malformed entry"),
+    ],
+)
+def test_bulk_check_names_the_first_bad_token(bad, needle):
+    """The bulk (C-level) check of a long answer rejects every kind of bad entry, and the
+    error names the sequence and the *first* bad token, wherever it is."""
+    from megatron_mopd.sglang_client import _check_scored
+
+    ids = [4 + (7 * i) % 120 for i in range(300)]
+    good = _scoring_item(ids, 9)
+    got = _check_scored(good, "http://u", "req", 0, 42, ids, 9, 10, 0).logprobs
+    assert got == [e[0] for e in good["meta_info"]["input_token_logprobs"][1:]]
+    for first in (10, 150, 299):  # token positions (entry = position - 9)
+        item = _scoring_item(ids, 9)
+        entries = item["meta_info"]["input_token_logprobs"]
+        for pos in (first, min(first + 5, 299)):  # a second bad one after the first
+            e = entries[pos - 9]
+            if bad == "id":
+                e[1] += 1
+            elif bad == "short":
+                del e[1:]
+            else:
+                e[0] = bad
+        with pytest.raises(TeacherError) as err:
+            _check_scored(item, "http://u", "req", 0, 42, ids, 9, 10, 0)
+        msg = str(err.value)
+        assert f"sequence 42: token {first}" in msg and needle in msg and "http://u" in msg, msg
+    # entries before the sequence's own start are not its log-probs: not checked
+    item = _scoring_item(ids, 9)
+    item["meta_info"]["input_token_logprobs"][3][0] = float("nan")
+    assert len(_check_scored(item, "http://u", "req", 0, 42, ids, 9, 20, 0).logprobs) == 280
+
+
+class _CountingServer:
+    """A stub HTTP/1.1 server answering `[]`, recording the client port of each request;
+    with `close_after`, it closes each connection after answering (no `Connection:
+    close` header: the client learns it only from the socket)."""
+
+    def __init__(self, close_after: bool = False):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.ports: list[int] = []
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                srv.ports.append(self.client_address[1])
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"[]")
+                self.close_connection = close_after
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.mark.parametrize("close_after", [False, True])
+def test_connections_are_kept_alive_and_stale_ones_dropped(close_after):
+    """Requests reuse one connection; one the server closed while idle is not reused (no
+    retry is spent on it: max_retries=0)."""
+    stub = _CountingServer(close_after)
+    try:
+        with fast_client([stub.url], max_retries=0) as c:
+            for _ in range(4):
+                assert c.request("GET", "/x")[0] == []
+                time.sleep(0.05)  # lets a close by the server arrive
+        assert len(stub.ports) == 4
+        assert len(set(stub.ports)) == (4 if close_after else 1)
+    finally:
+        stub.stop()
+
+
 # ----------------------------------------------------------------------------- GPU paths
 
 

@@ -126,6 +126,7 @@ def bench(args: argparse.Namespace) -> None:
             spawn(
                 [py, "-m", "sglang_router.launch_router", "--worker-urls", *urls]
                 + ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(rport)]
+                + ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
                 + ["--log-level", "warn"],
                 os.path.join(work, "router.log"),
                 args.lifetime,
@@ -139,7 +140,9 @@ def bench(args: argparse.Namespace) -> None:
                 c.wait_healthy(30)
             router_url = f"http://127.0.0.1:{rport}"
         except Exception as e:  # noqa: BLE001 - the router part is optional
-            print(f"router unavailable, skipped: {e}")
+            with open(os.path.join(work, "router.log"), errors="replace") as f:
+                tail = f.read()[-500:]
+            print(f"router unavailable, skipped: {e}\n{tail}")
 
         n_params = _count_params(hf)
         print(
@@ -179,6 +182,19 @@ def bench(args: argparse.Namespace) -> None:
             print(
                 f"{name:58s} {rate:8.1f} {rate / seq_rate:8.1f}x {1000 * cpu / n:14.3f} "
                 f"{1000 * srv / n:14.3f} {100 * cpu / max(srv, 1e-9):13.2f}%"
+            )
+        print(
+            "speed-up: seq/s over the sequential row's; client ms/seq: CPU time of this "
+            "process (request building, HTTP, JSON decoding, checks) per sequence; server "
+            "ms/seq: CPU time of both servers per sequence (/proc); all results agree "
+            "within 1e-4."
+        )
+        for name, n, wall, cpu, srv in rows[1:]:
+            up, share = n / wall / seq_rate, 100 * cpu / max(srv, 1e-9)
+            print(
+                f"goals, {name.split(' (')[0]}: speed-up {up:.1f}x "
+                f"({'met' if up >= 4 else 'NOT met'}: >= 4x), client overhead {share:.2f}% "
+                f"of server CPU ({'met' if share < 2 else 'NOT met'}: < 2%)"
             )
     finally:
         for p in procs:
