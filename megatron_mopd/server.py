@@ -54,6 +54,7 @@ import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -172,6 +173,12 @@ class Batcher:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in two writes: without TCP_NODELAY the body waits ~40 ms
+        # for the client's delayed ACK (Nagle), as SGLang's server (uvicorn) does not
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         if self.server.app.verbose:

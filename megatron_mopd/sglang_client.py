@@ -313,7 +313,7 @@ class SGLangClient:
         """Log-probs of tokens `starts[i]..L-1` of each sequence (default start 1: all
         tokens but the first), one prefill-only request per `batch_size` sequences.
         Error messages number sequences from `index_offset`."""
-        seqs = [list(s) for s in seqs]
+        seqs = [s if type(s) is list else list(s) for s in seqs]  # JSON arrays
         starts_l = [1] * len(seqs) if starts is None else [int(s) for s in starts]
         if len(starts_l) != len(seqs):
             raise ValueError(f"{len(starts_l)} starts for {len(seqs)} sequences")
@@ -361,9 +361,10 @@ class SGLangClient:
                     for j in range(n)
                 ]
 
-            return self.request("POST", "/generate", body, label=label, cancel=cancel, parse=parse)[
-                0
-            ]
+            checked, _ = self.request(
+                "POST", "/generate", body, label=label, cancel=cancel, parse=parse
+            )
+            return checked
 
         return self._map(len(seqs), batch_size, run, progress)
 
@@ -407,9 +408,10 @@ class SGLangClient:
                     for j in range(hi - lo)
                 ]
 
-            return self.request("POST", "/generate", body, label=label, cancel=cancel, parse=parse)[
-                0
-            ]
+            checked, _ = self.request(
+                "POST", "/generate", body, label=label, cancel=cancel, parse=parse
+            )
+            return checked
 
         return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
 
