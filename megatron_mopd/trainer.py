@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
+import traceback
 
 from megatron_mopd.config import Config
 from megatron_mopd.errors import TeacherError
@@ -81,6 +83,9 @@ def train(cfg: Config) -> dict:
                     batch = run.make_batch(rollouts, scores, prompts, orm)
                 except TeacherError as e:  # no scores: nothing is trained on this step
                     batch = StepFailure(step, str(e))
+                except Exception as e:  # e.g. a reward function's bug: every rank stops, saved
+                    traceback.print_exc(file=sys.stderr)
+                    batch = StepFailure(step, f"{type(e).__name__}: {e} (traceback above)")
             batch = run.broadcast(batch)
             if isinstance(batch, StepFailure):
                 run.stop_after_failure(batch)  # every rank: save the last trained step, raise

@@ -693,3 +693,45 @@ def test_orm_only_ignores_the_teachers(tiny, tmp_path, capsys):
         kl = [k for k in a if k.startswith("reverse_kl")]
         assert kl and any(a[k] != b[k] for k in kl)
     assert rows["mopd", "plain"][0]["loss"] != rows["mopd", "swapped"][0]["loss"]
+
+
+BROKEN_REWARDS = '''
+"""A reward function with a bug that shows on its 17th call (step 3: 8 calls per step)."""
+CALLS = 0
+
+
+def reward(response: str, answer: str) -> float:
+    global CALLS
+    CALLS += 1
+    if CALLS > 16:
+        raise KeyError("oops")
+    return float(response.strip() == answer.strip())
+'''
+
+
+def test_driver_error_mid_run_saves_and_stops(tiny, tmp_path, capsys, monkeypatch):
+    """An exception on the driver between rollout and batch (here a user reward function):
+    the step is not trained, the last trained step is checkpointed, the error is named (its
+    traceback printed above the one-line error), exit code 2."""
+    (tmp_path / "broken_rewards.py").write_text(BROKEN_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    raw = make_recipe(
+        tiny,
+        run_dir,
+        rewards={"add": "broken_rewards:reward", "rev": "broken_rewards:reward"},
+        loss={"alpha": 1.0},
+        train={"max_steps": 6, "eval_interval": 0},
+        checkpoint={"interval": 0},
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", write_recipe(tmp_path / "r.yaml", raw)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "Traceback" in err and "KeyError: 'oops'" in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mopd train: error: step 3 failed and was not trained: KeyError")
+    assert "checkpoint of step 2" in line
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert checkpoints(run_dir) == ["step_00000002"]
