@@ -4,8 +4,9 @@
 dividing TP x DP): 16 for `qwen3_30b_a3b`. Offline, the student's folder may be absent
 (a cluster path): `mopd check` then validates the layout against the architecture the
 recipe writes in `model.*`. Datasets are still read, so a recipe whose data files do not
-exist here (the toy's are built by `make demo`) is skipped, with the reason, rather than
-failed: `check --offline` rightly treats a missing dataset as an error.
+exist here is skipped, with the reason, rather than failed (`check --offline` rightly
+treats a missing dataset as an error); the toy's, built by `make demo`, are replaced by a
+stand-in toy of the same layout when absent.
 
 Also: the Qwen3-30B-A3B recipe's architecture is Qwen3-30B-A3B's (its published
 `config.json`, read by the same code the trainer uses), and its launch scripts produce
@@ -78,15 +79,53 @@ def missing_data(recipe: Path) -> list[str]:
     return [p for p in paths if p and not (REPO / p).exists()]
 
 
+def stand_in_toy(root: Path) -> list[str]:
+    """A toy with the demo's layout (tiny random char-tokenizer models instead of the
+    fine-tuned ones, a few prompts per domain) and the overrides pointing the toy recipe at
+    it: what `toy.build` would give, in a second instead of minutes."""
+    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.build import ToyBuild
+    from megatron_mopd.toy.demo import toy_overrides
+    from megatron_mopd.toy.tasks import DEFAULT_SPECS, generate, write_jsonl
+
+    data = {
+        split: write_jsonl(
+            str(root / "data" / f"{split}.jsonl"),
+            [ex for d in sorted(DEFAULT_SPECS) for ex in generate(DEFAULT_SPECS[d], 8, split)],
+        )
+        for split in ("train", "eval")
+    }
+    models = {
+        name: make_tiny_hf_model("qwen3_moe", str(root / name), seed=i)
+        for i, name in enumerate(("student", "teachers/add", "teachers/reverse"))
+    }
+    toy = ToyBuild(
+        root=str(root),
+        tokenizer=models["student"],
+        train_jsonl=data["train"],
+        eval_jsonl=data["eval"],
+        student=models["student"],
+        teachers={"add": models["teachers/add"], "reverse": models["teachers/reverse"]},
+        teacher_accuracy={},
+        student_accuracy={},
+        seconds={},
+    )
+    return toy_overrides(toy)
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
-def test_recipe_checks_offline(recipe, capsys, monkeypatch):
+def test_recipe_checks_offline(recipe, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # recipes name their files relative to the repository root
+    overrides: list[str] = []
     absent = missing_data(recipe)
-    if absent:
-        pytest.skip(f"dataset(s) {absent} not built here (for the toy: make demo)")
+    if absent and recipe.parent.name == "toy":
+        overrides = stand_in_toy(tmp_path)  # `make demo` has not built the toy here
+    elif absent:
+        pytest.skip(f"dataset(s) {absent} not built here")
     world_size = smallest_world_size(recipe)
+    argv = ["check", str(recipe.relative_to(REPO)), *overrides]
     with pytest.raises(SystemExit) as e:
-        main(["check", str(recipe.relative_to(REPO)), "--offline", "--world-size", str(world_size)])
+        main([*argv, "--offline", "--world-size", str(world_size)])
     out, err = capsys.readouterr()
     assert e.value.code == 0, out + err
     assert "all checks passed" in out and "FAIL" not in out
