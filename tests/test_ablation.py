@@ -14,6 +14,7 @@ from megatron_mopd.toy.ablation import (
     ARMS,
     TOLERANCE,
     first_step_at,
+    mean_curve,
     plot,
     print_table,
     summarize_arm,
@@ -64,24 +65,43 @@ def test_first_step_at():
     assert first_step_at([], 0.5) is None
 
 
-def test_summary_table_and_figure(tmp_path, capsys):
+def test_mean_curve():
+    got = mean_curve([[(0, 0.2), (10, 0.6)], [(0, 0.4), (10, 1.0)]])
+    assert [s for s, _ in got] == [0, 10] and [a for _, a in got] == pytest.approx([0.3, 0.8])
+    with pytest.raises(ValueError, match="different steps"):
+        mean_curve([[(0, 0.2)], [(5, 0.4)]])
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2])
+def test_summary_table_and_figure(tmp_path, capsys, n_seeds):
     teachers = {"add": 0.99, "reverse": 0.995}
-    curves = {"add": [(0, 0.46), (10, 0.98)], "reverse": [(0, 0.57), (10, 0.9)]}
-    arm = summarize_arm(ARMS[1], curves, teachers, seconds=12.34)
-    assert arm["first_step_at_teacher"] == {"add": 10, "reverse": None}
-    assert arm["final"] == {"add": 0.98, "reverse": 0.9}
+    runs = {
+        1: {"add": [(0, 0.46), (10, 1.0)], "reverse": [(0, 0.57), (10, 0.9)]},
+        2: {"add": [(0, 0.46), (10, 0.95)], "reverse": [(0, 0.57), (10, 1.0)]},
+    }
+    per_seed = {s: runs[s] for s in list(runs)[:n_seeds]}
+    arm = summarize_arm(ARMS[1], per_seed, teachers, seconds=12.34)
+    if n_seeds == 1:
+        assert arm["first_step_at_teacher"] == {"add": 10, "reverse": None}
+        assert arm["final"] == {"add": 1.0, "reverse": 0.9}
+    else:  # the mean curve reaches on add (0.975), not on reverse (0.95)
+        assert arm["final"] == pytest.approx({"add": 0.975, "reverse": 0.95})
+        assert arm["first_step_at_teacher"] == {"add": 10, "reverse": None}
+        assert arm["per_seed"]["2"]["first_step_at_teacher"] == {"add": None, "reverse": 10}
     assert arm["seconds"] == 12.3 and arm["overrides"] == list(ARMS[1].overrides)
     summary = {
         "teachers": teachers,
         "tolerance": TOLERANCE,
         "steps": 10,
-        "seed": 1,
+        "seeds": list(per_seed),
         "eval_interval": 10,
         "arms": {ARMS[1].name: arm},
     }
     json.dumps(summary)  # what summary.json holds is plain JSON
     print_table(summary)
     out = capsys.readouterr().out
-    assert "step 10" in out and "never" in out and ARMS[1].name in out
+    assert ARMS[1].name in out and "never" in out
+    if n_seeds == 2:
+        assert "10 (10,never)" in out and "never (never,10)" in out
     plot(summary, str(tmp_path / "figure.png"))
     assert (tmp_path / "figure.png").stat().st_size > 10_000

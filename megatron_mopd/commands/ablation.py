@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "higher: a weaker student, rarer rewards; use its own --toy-dir)",
     )
     parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated train.seed values: every arm runs each (default: the recipe's)",
+    )
+    parser.add_argument(
         "--nproc", type=int, default=1, help="training processes (torchrun when > 1)"
     )
     parser.add_argument(
@@ -37,10 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ablation."""
+    from megatron_mopd.errors import UserError
     from megatron_mopd.toy.ablation import run_ablation
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds}: give comma-separated integers") from None
     run_ablation(
-        args.run_dir, args.toy_dir, arms, args.steps, args.nproc, args.overrides, args.mistake_rate
+        args.run_dir,
+        args.toy_dir,
+        arms,
+        args.steps,
+        args.nproc,
+        args.overrides,
+        args.mistake_rate,
+        seeds,
     )
     return 0

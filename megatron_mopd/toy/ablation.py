@@ -19,8 +19,9 @@ steps (and at step 0). Written: RUN_DIR/<arm>/ (each arm's run: metrics.jsonl,
 eval.jsonl, TensorBoard), RUN_DIR/summary.json (each arm's per-domain accuracy curve, its
 final accuracy, and the first evaluated step at which it reaches the teacher's level,
 i.e. accuracy >= teacher - 0.02, or null) and RUN_DIR/figure.png (one panel per domain,
-one line per arm, the teacher dashed). One seed per arm: per-evaluation noise is about
-+-0.02 here (see the demo), so read differences of a few points as ties.
+one line per arm, the teacher dashed). `--seeds 1,2,3` repeats every arm with other
+training seeds (prompt order, sampling) and reports mean curves: per-evaluation noise is
+about +-0.02 here (see the demo), so read differences of a few points as ties.
 """
 
 from __future__ import annotations
@@ -75,17 +76,40 @@ def first_step_at(curve: list[tuple[int, float]], level: float) -> int | None:
     return None
 
 
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The step-wise mean of several runs' curves (evaluated at the same steps)."""
+    steps = [[s for s, _ in c] for c in curves]
+    if any(st != steps[0] for st in steps):
+        raise ValueError(f"curves evaluated at different steps: {steps}")
+    return [(s, sum(c[i][1] for c in curves) / len(curves)) for i, s in enumerate(steps[0])]
+
+
 def summarize_arm(
-    arm: Arm, curves: dict[str, list[tuple[int, float]]], teachers: dict[str, float], seconds: float
+    arm: Arm,
+    per_seed: dict[int, dict[str, list[tuple[int, float]]]],
+    teachers: dict[str, float],
+    seconds: float,
 ) -> dict:
-    """One arm's entry of summary.json."""
+    """One arm's entry of summary.json from each seed's per-domain curves: the mean curve,
+    its final accuracy and first step at the teacher's level, and the same per seed."""
+
+    def reached(curves: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
+        return {d: first_step_at(curves.get(d, []), teachers[d] - TOLERANCE) for d in teachers}
+
+    domains = sorted({d for c in per_seed.values() for d in c})
+    mean = {d: mean_curve([c[d] for c in per_seed.values()]) for d in domains}
     return {
         "description": arm.description,
         "overrides": list(arm.overrides),
-        "curves": {d: [[s, a] for s, a in pts] for d, pts in sorted(curves.items())},
-        "final": {d: pts[-1][1] for d, pts in sorted(curves.items()) if pts},
-        "first_step_at_teacher": {
-            d: first_step_at(curves.get(d, []), teachers[d] - TOLERANCE) for d in sorted(teachers)
+        "curves": {d: [[s, round(a, 6)] for s, a in pts] for d, pts in mean.items()},
+        "final": {d: round(pts[-1][1], 6) for d, pts in mean.items() if pts},
+        "first_step_at_teacher": dict(sorted(reached(mean).items())),
+        "per_seed": {
+            str(seed): {
+                "curves": {d: [[s, a] for s, a in pts] for d, pts in sorted(c.items())},
+                "first_step_at_teacher": dict(sorted(reached(c).items())),
+            }
+            for seed, c in per_seed.items()
         },
         "seconds": round(seconds, 1),
     }
@@ -105,7 +129,12 @@ def plot(summary: dict, out_png: str) -> None:
             pts = arm["curves"].get(d, [])
             if pts:
                 steps, accs = zip(*pts)
-                ax.plot(steps, accs, color=f"C{i}", marker="o", ms=2.5, label=name)
+                label = name if len(arm["per_seed"]) == 1 else f"{name} (mean)"
+                ax.plot(steps, accs, color=f"C{i}", marker="o", ms=2.5, label=label)
+            if len(arm["per_seed"]) > 1:
+                for run in arm["per_seed"].values():
+                    steps, accs = zip(*run["curves"][d])
+                    ax.plot(steps, accs, color=f"C{i}", lw=0.7, alpha=0.3)
         ax.axhline(summary["teachers"][d], color="k", ls="--", lw=1, label="teacher")
         ax.set_title(f"{d}")
         ax.set_xlabel("step")
@@ -113,7 +142,7 @@ def plot(summary: dict, out_png: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("greedy exact match (held-out)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Ablation on the CPU toy: ORM-only RL vs MOPD (same student, data, seed)")
+    fig.suptitle("Ablation on the CPU toy: ORM-only RL vs MOPD (same student, data, seeds)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -127,8 +156,12 @@ def run_ablation(
     nproc: int = 1,
     overrides: list[str] | None = None,
     mistake_rate: float | None = None,
+    seeds: list[int] | None = None,
 ) -> dict:
     """Run the arms (fresh runs, sequentially) and write summary.json and figure.png.
+
+    `seeds`: `train.seed` of each repetition (default: the recipe's, once); every arm runs
+    every seed, and the summary holds the mean curves and each seed's.
 
     `mistake_rate` (default: the toy's, 0.7) is how often the weak student's training data
     shows the systematic mistake (`toy.tasks.mistake`); a higher rate gives a weaker
@@ -170,19 +203,23 @@ def run_ablation(
         "student_mistake_rate": toy_cfg.student.mistake_rate,
         "tolerance": TOLERANCE,
         "steps": cfg.train.max_steps,
-        "seed": cfg.train.seed,
+        "seeds": list(seeds or [cfg.train.seed]),
         "eval_interval": cfg.train.eval_interval,
         "arms": {},
     }
+    for arm in chosen:  # every arm's recipe is valid before anything trains
+        load_config(RECIPE, [*common, *arm.overrides])
     for k, arm in enumerate(chosen, 1):
         arm_dir = os.path.join(run_dir, arm.name)
         shutil.rmtree(arm_dir, ignore_errors=True)
-        arm_overrides = [*common, *arm.overrides]
-        load_config(RECIPE, [f"run_dir={arm_dir}", *arm_overrides])  # fail before training
         print(f"== arm {k}/{len(chosen)}: {arm.name} ({arm.description})", flush=True)
         t = time.time()
-        _train(arm_dir, nproc, arm_overrides)
-        summary["arms"][arm.name] = summarize_arm(arm, _curves(arm_dir), teachers, time.time() - t)
+        per_seed = {}
+        for seed in summary["seeds"]:
+            seed_dir = arm_dir if len(summary["seeds"]) == 1 else f"{arm_dir}/seed_{seed}"
+            _train(seed_dir, nproc, [*common, *arm.overrides, f"train.seed={seed}"])
+            per_seed[seed] = _curves(seed_dir)
+        summary["arms"][arm.name] = summarize_arm(arm, per_seed, teachers, time.time() - t)
         _write(run_dir, summary)  # after every arm: an interrupted ablation keeps what it ran
     summary["wall_seconds"] = round(time.time() - t0, 1)
     _write(run_dir, summary)
@@ -202,18 +239,31 @@ def _write(run_dir: str, summary: dict) -> None:
 def print_table(summary: dict) -> None:
     """Final accuracy and first step at the teacher's level, per arm and domain."""
     domains = sorted(summary["teachers"])
-    head = "".join(f"{d + ' final':>14}{d + ' reached':>16}" for d in domains)
+    seeds = summary["seeds"]
+    width = 16 if len(seeds) == 1 else 12 + 6 * len(seeds)
+    head = "".join(f"{d + ' final':>14}{d + ' reached':>{width}}" for d in domains)
     print(f"\n{'arm':<14}{head}")
-    print(f"{'teacher':<14}" + "".join(f"{summary['teachers'][d]:>14.3f}{'':>16}" for d in domains))
+    print(
+        f"{'teacher':<14}"
+        + "".join(f"{summary['teachers'][d]:>14.3f}{'':>{width}}" for d in domains)
+    )
+
+    def step(value: int | None) -> str:
+        return "never" if value is None else str(value)
+
     for name, arm in summary["arms"].items():
         cells = ""
         for d in domains:
-            first = arm["first_step_at_teacher"][d]
-            cells += f"{arm['final'].get(d, float('nan')):>14.3f}"
-            cells += f"{'step ' + str(first) if first is not None else 'never':>16}"
+            reached = step(arm["first_step_at_teacher"][d])
+            if len(seeds) > 1:
+                runs = arm["per_seed"].values()
+                reached += " (" + ",".join(step(r["first_step_at_teacher"][d]) for r in runs) + ")"
+            cells += f"{arm['final'].get(d, float('nan')):>14.3f}{reached:>{width}}"
         print(f"{name:<14}{cells}")
+    mean = "the mean curve of seeds " if len(seeds) > 1 else "seed "
     print(
         f"\n'reached': first evaluation (every {summary['eval_interval']} steps) with accuracy "
-        f">= teacher - {summary['tolerance']}; {summary['steps']} steps per arm, seed "
-        f"{summary['seed']}."
+        f">= teacher - {summary['tolerance']} ({mean}{', '.join(map(str, seeds))}"
+        f"{'; each seed in parentheses' if len(seeds) > 1 else ''}); "
+        f"{summary['steps']} steps per arm."
     )
