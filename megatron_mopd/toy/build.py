@@ -15,7 +15,7 @@ The pipeline follows MiMo's: one base model is fine-tuned on both domains, then 
 teacher is that base fine-tuned further on its own domain, and MOPD distils the teachers
 back into the base (the student). The base is weak by construction: its training data
 holds a systematic mistake on part of each domain (`tasks.mistake`: a 3-digit sum loses
-its leading 1; strings of 5+ letters are copied, not reversed), in 70% of the affected
+its leading 1; a reversal of 5+ letters loses its first letter), in 70% of the affected
 examples, drawn afresh in every batch. So it makes the mistake when decoding greedily
 (about 50% accuracy per domain) while still giving the right first token a fair
 probability. Why not an easier distribution or early stopping: examples/toy/NOTES.md
