@@ -1,7 +1,8 @@
 """The ablation behind MiMo's MOPD figure, on the CPU toy (`make ablation`).
 
     python -m megatron_mopd ablation [--run-dir runs/ablation] [--toy-dir runs/demo]
-                                     [--arms orm_only,mopd,...] [--steps N] [key=value ...]
+                                     [--arms orm_only,mopd_topk,...] [--steps N]
+                                     [--seeds 1,2,3] [--mistake-rate R] [key=value ...]
 
 Every arm trains the same weak student from the same toy (built or reused by
 `toy.build`, the demo's cache), on the same prompts in the same order (same seed), with
@@ -16,7 +17,7 @@ the recipe `examples/toy/mopd.yaml`, and differs only in the loss:
 
 The trainer evaluates greedy exact match on the held-out prompts every `eval_interval`
 steps (and at step 0). Written: RUN_DIR/<arm>/ (each arm's run: metrics.jsonl,
-eval.jsonl, TensorBoard), RUN_DIR/summary.json (each arm's per-domain accuracy curve, its
+eval.jsonl, TensorBoard; RUN_DIR/<arm>/seed_<s>/ with several seeds), RUN_DIR/summary.json (each arm's per-domain accuracy curve, its
 final accuracy, and the first evaluated step at which it reaches the teacher's level,
 i.e. accuracy >= teacher - 0.02, or null) and RUN_DIR/figure.png (one panel per domain,
 one line per arm, the teacher dashed). `--seeds 1,2,3` repeats every arm with other
