@@ -158,8 +158,7 @@ def mopd_advantages(
     with torch.no_grad():
         dtype = _float_dtype(train_logprobs)
         adv = teacher_logprobs.to(dtype) - train_logprobs.detach().to(dtype)
-        if not (isinstance(distill_coef, (int, float)) and distill_coef == 1):
-            adv = adv * _col(distill_coef, adv)
+        adv = adv * _col(distill_coef, adv)
         if orm_advantages is not None:
             adv = adv + _col(alpha, adv) * orm_advantages.to(dtype)[:, None]
         return adv

@@ -61,8 +61,7 @@ class ConvertRuns:
 
     def __init__(self, root: str):
         self.root = root
-        self.models = make_models(os.path.join(root, "models"), archs=ARCHS + EXTRA_ARCHS[:2])
-        self.models["qwen2_moe"] = make_qwen2_moe(os.path.join(root, "models", "qwen2_moe"))
+        self.models = make_models(os.path.join(root, "models"), archs=ARCHS + EXTRA_ARCHS)
         self.input = write_input(os.path.join(root, "input.jsonl"))
         self._done: dict[str, dict] = {}
         self._failed: dict[str, str] = {}
@@ -199,47 +198,6 @@ class ConvertRuns:
         if arch not in self._references:
             self._references[arch] = hf_logprobs(self.models[arch])
         return self._references[arch]
-
-
-def make_qwen2_moe(out_dir: str) -> str:
-    """A tiny Qwen2-MoE (QKV bias, 4 experts top-2 without renormalisation, a sigmoid-gated
-    shared expert) with a character tokenizer (`tiny.py` has no builder for it)."""
-    import transformers
-
-    from megatron_mopd.tiny import make_char_tokenizer
-
-    if os.path.isfile(os.path.join(out_dir, "config.json")):
-        return out_dir
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.1 * torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + scale if "norm" in name else scale)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    make_char_tokenizer(out_dir, vocab_size=128)
-    return out_dir
 
 
 def _convert_to_mcore(name: str, hf: str, out: str, args: list[str] | None = None) -> dict:

@@ -18,74 +18,11 @@ WORKERS="${WORKERS:-2}"                 # workers per teacher
 MATH_PORT="${MATH_PORT:-30010}"         # router ports: what mopd.yaml's teachers.*.urls name
 CODE_PORT="${CODE_PORT:-30020}"
 WORKER_PORT_BASE="${WORKER_PORT_BASE:-31000}"
-BIND_HOST="${BIND_HOST:-0.0.0.0}"       # the trainer's driver must reach the routers
-# how the router reaches its workers (and how `mopd check` sees them in GET /workers)
-ADVERTISE_HOST="${ADVERTISE_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
-ADVERTISE_HOST="${ADVERTISE_HOST:-127.0.0.1}"
-MEM_FRACTION="${MEM_FRACTION:-0.85}"
-CONTEXT_LENGTH="${CONTEXT_LENGTH:-16384}" # prompt + response, with margin
 LOG_DIR="${LOG_DIR:-./logs/teachers}"
-PYTHON="${PYTHON:-python}"
-DRY_RUN="${DRY_RUN:-}"
+source "$(dirname "${BASH_SOURCE[0]}")/sglang_group.sh"
 
-mkdir -p "$LOG_DIR"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
-
-launch() {  # launch LOG_NAME CMD...: run CMD in the background, output to LOG_DIR/LOG_NAME
-    local log="$LOG_DIR/$1"
-    shift
-    echo "+ $* > $log"
-    if [[ -z "$DRY_RUN" ]]; then
-        "$@" >"$log" 2>&1 &
-        pids+=("$!")
-    fi
-}
-
-gpu=0
-port="$WORKER_PORT_BASE"
-for teacher in math code; do
-    if [[ "$teacher" == math ]]; then model="$MATH_TEACHER"; router_port="$MATH_PORT"
-    else model="$CODE_TEACHER"; router_port="$CODE_PORT"; fi
-    urls=()
-    for ((k = 0; k < WORKERS; k++)); do
-        # prefill-only scoring (max_new_tokens: 0): no generation settings needed
-        launch "$teacher-worker$k.log" "$PYTHON" -m sglang.launch_server \
-            --model-path "$model" \
-            --tp-size "$TP" \
-            --base-gpu-id "$gpu" \
-            --host "$BIND_HOST" \
-            --port "$port" \
-            --dtype bfloat16 \
-            --mem-fraction-static "$MEM_FRACTION" \
-            --context-length "$CONTEXT_LENGTH" \
-            --served-model-name "$teacher-teacher" \
-            --log-level warning
-        urls+=("http://$ADVERTISE_HOST:$port")
-        gpu=$((gpu + TP))
-        port=$((port + 1))
-    done
-    # the router waits (up to --worker-startup-timeout-secs) for its workers to be healthy
-    launch "$teacher-router.log" "$PYTHON" -m sglang_router.launch_router \
-        --worker-urls "${urls[@]}" \
-        --policy round_robin \
-        --host "$BIND_HOST" \
-        --port "$router_port" \
-        --worker-startup-timeout-secs 1800 \
-        --request-timeout-secs 1800 \
-        --prometheus-port "$((router_port + 100))" \
-        --log-level warn
-    echo "teacher $teacher: http://$ADVERTISE_HOST:$router_port (workers: ${urls[*]})"
-done
-
-if [[ -n "$DRY_RUN" ]]; then
-    exit 0
-fi
-# stop everything as soon as one process exits (a dead worker is a dead teacher)
-wait -n
-echo "start_teachers.sh: a teacher process exited; stopping the others (logs in $LOG_DIR)" >&2
-exit 1
+# prefill-only scoring (max_new_tokens: 0): no generation settings needed
+serve_group math "$MATH_TEACHER" "$MATH_PORT" 1800 --served-model-name math-teacher
+serve_group code "$CODE_TEACHER" "$CODE_PORT" 1800 --served-model-name code-teacher
+# a dead worker is a dead teacher: stop everything as soon as one process exits
+wait_any start_teachers.sh

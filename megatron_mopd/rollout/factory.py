@@ -14,8 +14,9 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
 
     `embedded` loads the student from `hf_path` (default `model.hf_path`): a student built
     from a Megatron checkpoint or at random must first be exported to an HF folder (see
-    `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`; with `rollout.weight_sync=distributed` it also
-    forms the NCCL weight-update group with the servers (GPU only).
+    `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`; with
+    `rollout.weight_sync=distributed` it also forms the NCCL weight-update group with the
+    servers (GPU only).
     """
     if cfg.rollout.backend == "embedded":
         from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine

@@ -172,7 +172,13 @@ def run_ablation(
 
     from megatron_mopd.config import load_config
     from megatron_mopd.toy.build import ToyConfig, build_toy
-    from megatron_mopd.toy.demo import RECIPE, _curves, _train, evaluate_folder, toy_overrides
+    from megatron_mopd.toy.demo import (
+        RECIPE,
+        eval_curves,
+        evaluate_folder,
+        toy_overrides,
+        train_recipe,
+    )
 
     names = list(arms or ARM_NAMES)
     unknown = [n for n in names if n not in ARM_NAMES]
@@ -218,8 +224,8 @@ def run_ablation(
         per_seed = {}
         for seed in summary["seeds"]:
             seed_dir = arm_dir if len(summary["seeds"]) == 1 else f"{arm_dir}/seed_{seed}"
-            _train(seed_dir, nproc, [*common, *arm.overrides, f"train.seed={seed}"])
-            per_seed[seed] = _curves(seed_dir)
+            train_recipe(seed_dir, nproc, [*common, *arm.overrides, f"train.seed={seed}"])
+            per_seed[seed] = eval_curves(seed_dir)
         summary["arms"][arm.name] = summarize_arm(arm, per_seed, teachers, time.time() - t)
         _write(run_dir, summary)  # after every arm: an interrupted ablation keeps what it ran
     summary["wall_seconds"] = round(time.time() - t0, 1)

@@ -71,7 +71,9 @@ def toy_overrides(toy) -> list[str]:
     ]
 
 
-def _train(run_dir: str, nproc: int, overrides: list[str]) -> None:
+def train_recipe(run_dir: str, nproc: int, overrides: list[str]) -> None:
+    """`mopd train` of the toy recipe with `overrides`: in this process, or under torchrun
+    with `nproc` processes."""
     args = ["train", RECIPE, f"run_dir={run_dir}", *overrides]
     if nproc == 1:
         from megatron_mopd.config import load_config
@@ -94,7 +96,8 @@ def _train(run_dir: str, nproc: int, overrides: list[str]) -> None:
         raise UserError(f"training failed: {' '.join(cmd)}")
 
 
-def _curves(mopd_dir: str) -> dict[str, list[tuple[int, float]]]:
+def eval_curves(mopd_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-domain `(step, accuracy)` points from a run's eval.jsonl."""
     curves: dict[str, list[tuple[int, float]]] = {}
     path = os.path.join(mopd_dir, "eval.jsonl")
     if os.path.exists(path):
@@ -149,7 +152,7 @@ def run_demo(
     cfg = load_config(RECIPE, [f"run_dir={mopd_dir}", *overrides])
     print(f"== 2/3 MOPD: {cfg.train.max_steps} steps, {nproc} process(es)", flush=True)
     t_train = time.time()
-    _train(mopd_dir, nproc, overrides)
+    train_recipe(mopd_dir, nproc, overrides)
     t_train = time.time() - t_train
     print("== 3/3 evaluating teachers and student on held-out prompts", flush=True)
     max_new = cfg.rollout.max_new_tokens
@@ -171,7 +174,7 @@ def run_demo(
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    plot(_curves(mopd_dir), teacher_acc, os.path.join(run_dir, "figure.png"))
+    plot(eval_curves(mopd_dir), teacher_acc, os.path.join(run_dir, "figure.png"))
     print()
     print(f"{'domain':<10}{'teacher':>10}{'before':>10}{'after':>10}")
     for d, row in summary["domains"].items():
