@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from megatron_mopd.http_pool import dumps_json
 from megatron_mopd.server_protocol import BadRequest, Item, parse_generate, run_batch
 from megatron_mopd.sglang_client import gc_paused
 from megatron_mopd.types import SamplingParams
@@ -222,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = payload.encode() if isinstance(payload, str) else payload
             ctype = "text/plain; charset=utf-8"
         else:
-            data = _dumps(payload)
+            data = dumps_json(payload)
             ctype = "application/json"
         try:
             self.send_response(status)
@@ -248,15 +249,6 @@ def _loads(raw: bytes) -> Any:
         return orjson.loads(raw)
     except ImportError:  # pragma: no cover - orjson is normally present
         return json.loads(raw)
-
-
-def _dumps(payload: Any) -> bytes:
-    try:
-        import orjson
-
-        return orjson.dumps(payload)
-    except ImportError:  # pragma: no cover - orjson is normally present
-        return json.dumps(payload).encode()
 
 
 class SGLangCompatibleServer:

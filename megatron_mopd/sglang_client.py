@@ -40,24 +40,17 @@ import contextlib
 import gc
 import http.client
 import itertools
-import json
 import math
 import random
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import Any
 
 from megatron_mopd.errors import TeacherError
-
-try:  # orjson is much faster on the large log-prob lists; stdlib json is the fallback
-    import orjson
-except ImportError:  # pragma: no cover - orjson is normally present
-    orjson = None
+from megatron_mopd.http_pool import ConnectionPool, decode_answer, dumps_json, error_text
 
 _MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 
@@ -143,7 +136,7 @@ class SGLangClient:
         self._rr = itertools.count()
         self._rr_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._http = _ConnectionPool(
+        self._http = ConnectionPool(
             self.timeout, min(connect_timeout, self.timeout), max_idle=self.max_in_flight + 4
         )
 
@@ -184,7 +177,7 @@ class SGLangClient:
         runs with the GC paused, and the answer is freed before the GC resumes, so its
         ~10^4 small lists are never traversed by a collection (`gc_paused`).
         """
-        content = _dumps(body) if body is not None else None
+        content = dumps_json(body) if body is not None else None
         attempts = self.max_retries + 1
         last = ""
         last_url = url or self.urls[0]
@@ -203,9 +196,9 @@ class SGLangClient:
                 if resp.status < 400:
                     with gc_paused():
                         if parse is None:
-                            return _decode(resp), target
-                        return parse(_decode(resp), target), target
-                message = _error_text(resp)
+                            return decode_answer(resp), target
+                        return parse(decode_answer(resp), target), target
+                message = error_text(resp)
                 if resp.status < 500:
                     raise TeacherError(
                         f"{target}{path}: {label} was refused with HTTP {resp.status}: {message}"
@@ -570,162 +563,3 @@ def _is_logprob(x: Any) -> bool:
         and math.isfinite(x)
         and x <= _MAX_LOGPROB
     )
-
-
-def _dumps(body: Any) -> bytes:
-    if orjson is not None:
-        return orjson.dumps(body)
-    return json.dumps(body).encode()
-
-
-def _decode(resp: _Answer) -> Any:
-    """JSON (orjson; stdlib json for NaN/Infinity literals) or, if not JSON, the text."""
-    data = resp.data
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    try:
-        return json.loads(data)
-    except ValueError:
-        if "json" in resp.content_type:
-            return _BadJSON(data[:200].decode(errors="replace"))
-        return data.decode(errors="replace")
-
-
-class _BadJSON(str):
-    """An answer that claimed to be JSON but was not; fails every check downstream."""
-
-
-def _error_text(resp: _Answer) -> str:
-    """The message of an error answer (`{"error": {"message": ...}}` or plain text)."""
-    try:
-        body = json.loads(resp.data)
-    except ValueError:
-        return resp.data[:300].decode(errors="replace").strip() or resp.reason
-    if isinstance(body, dict):
-        err = body.get("error", body.get("message", body))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        return str(err)[:300]
-    return str(body)[:300]
-
-
-# -------------------------------------------------------------------- HTTP
-
-
-class _Answer(NamedTuple):
-    """A whole HTTP answer."""
-
-    status: int
-    reason: str
-    content_type: str
-    data: bytes
-
-
-class _ConnectionPool:
-    """Keep-alive HTTP/1.1 connections (stdlib `http.client`), per server, shared by threads.
-
-    Each request takes an idle connection to its server, or opens one, and gives it back
-    once the answer is read in full; a connection that failed, timed out or is to be
-    closed is dropped. An idle connection the server closed meanwhile (uvicorn closes
-    them after 5 s) shows as readable and is dropped before use, as httpcore does.
-    http.client costs ~0.2 ms of CPU per 250 kB answer where httpx costs ~1.2 ms, which
-    is most of the client's overhead per scoring request (tools/bench_scoring.py).
-
-    `send` raises `TimeoutError` (connecting, or no byte for `timeout` seconds while
-    sending or reading), `OSError` or `http.client.HTTPException` (refused, dropped, ...).
-    """
-
-    def __init__(self, timeout: float, connect_timeout: float, max_idle: int) -> None:
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.max_idle = max_idle
-        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
-        self._prefix: dict[str, str] = {}  # base URL -> its path ("" for most servers)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def send(
-        self,
-        method: str,
-        base: str,
-        path: str,
-        body: bytes | None,
-        timeout: float | None = None,
-    ) -> _Answer:
-        """`method base+path` with `body` (JSON); the whole answer."""
-        timeout = self.timeout if timeout is None else timeout
-        conn = self._take(base)
-        if conn is None:
-            conn = self._connect(base, min(self.connect_timeout, timeout))
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        try:
-            conn.sock.settimeout(timeout)
-            conn.request(method, self._prefix[base] + path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except BaseException:
-            conn.close()
-            raise
-        answer = _Answer(resp.status, resp.reason, resp.getheader("Content-Type") or "", data)
-        if resp.will_close:
-            conn.close()
-        else:
-            self._give(base, conn)
-        return answer
-
-    def close(self) -> None:
-        """Close the idle connections (those in use are closed when given back)."""
-        with self._lock:
-            self._closed = True
-            conns = [c for cs in self._idle.values() for c in cs]
-            self._idle.clear()
-        for c in conns:
-            c.close()
-
-    def _connect(self, base: str, connect_timeout: float) -> http.client.HTTPConnection:
-        u = urlsplit(base)
-        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = cls(u.hostname or "", u.port, timeout=connect_timeout)
-        self._prefix[base] = u.path.rstrip("/")  # a server behind a path prefix
-        try:
-            conn.connect()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _take(self, base: str) -> http.client.HTTPConnection | None:
-        while True:
-            with self._lock:
-                idle = self._idle.get(base)
-                conn = idle.pop() if idle else None
-            if conn is None or _still_open(conn):
-                return conn
-            conn.close()
-
-    def _give(self, base: str, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(base, [])
-            if not self._closed and len(idle) < self.max_idle:
-                idle.append(conn)
-                return
-        conn.close()
-
-
-def _still_open(conn: http.client.HTTPConnection) -> bool:
-    """An idle keep-alive connection is usable if nothing is readable on it: readable
-    means the server closed it (EOF) or sent something unasked."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return not poller.poll(0)
-        return not select.select([sock], [], [], 0)[0]
-    except (OSError, ValueError):
-        return False
