@@ -27,6 +27,13 @@ def dumps_json(body: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def loads_json(data: bytes) -> Any:
+    """Strict JSON from bytes (orjson when installed); raises ValueError."""
+    if orjson is not None:
+        return orjson.loads(data)
+    return json.loads(data)
+
+
 def decode_answer(resp: Answer) -> Any:
     """JSON (orjson; stdlib json for NaN/Infinity literals) or, if not JSON, the text."""
     data = resp.data

@@ -28,7 +28,9 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
 - Every answer is checked before use: one object per sequence, the leading `null`, one
   `[logprob, token_id, ...]` per token with the token ids that were sent, and every
   log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
-  server and is not retried. JSON has no NaN: SGLang (orjson) writes NaN and inf as
+  server and is not retried. Scoring answers in SGLang's compact layout are checked on a
+  flat decoding of their log-prob arrays (`_fast_scored`: ~30% less client CPU); any
+  other layout, or any doubt, gets the full decoding and the entry-by-entry check. JSON has no NaN: SGLang (orjson) writes NaN and inf as
   `null`, other servers may write `NaN`/`Infinity`; both are caught.
 - Every failure raises `TeacherError` naming the server URL, the request number and the
   sequence index; callers (`SGLangTeacher`, `SGLangRolloutEngine`) add their own name.
@@ -50,7 +52,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.http_pool import ConnectionPool, decode_answer, dumps_json, error_text
+from megatron_mopd.http_pool import (
+    Answer,
+    ConnectionPool,
+    decode_answer,
+    dumps_json,
+    error_text,
+    loads_json,
+)
 
 _MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 
@@ -169,13 +178,15 @@ class SGLangClient:
         url: str | None = None,
         cancel: threading.Event | None = None,
         parse: Callable[[Any, str], Any] | None = None,
+        raw: bool = False,
     ) -> tuple[Any, str]:
         """Send one request with retries; return (decoded JSON or text, URL that answered).
 
         `url` pins the server (no round robin); otherwise each attempt takes the next URL.
-        `parse(answer, url)`, if given, turns the decoded answer into what is returned; it
-        runs with the GC paused, and the answer is freed before the GC resumes, so its
-        ~10^4 small lists are never traversed by a collection (`gc_paused`).
+        `parse(answer, url)`, if given, turns the decoded answer (with `raw`, the undecoded
+        `Answer`) into what is returned; it runs with the GC paused, and the answer is
+        freed before the GC resumes, so its ~10^4 small lists are never traversed by a
+        collection (`gc_paused`).
         """
         content = dumps_json(body) if body is not None else None
         attempts = self.max_retries + 1
@@ -197,7 +208,7 @@ class SGLangClient:
                     with gc_paused():
                         if parse is None:
                             return decode_answer(resp), target
-                        return parse(decode_answer(resp), target), target
+                        return parse(resp if raw else decode_answer(resp), target), target
                 message = error_text(resp)
                 if resp.status < 500:
                     raise TeacherError(
@@ -335,8 +346,28 @@ class SGLangClient:
             a, b = index_offset + lo, index_offset + hi - 1
             label = f"scoring request for sequences {a}..{b}"
 
-            def parse(answer: Any, url: str) -> list[ScoredSequence]:
+            def parse(resp: Answer, url: str) -> list[ScoredSequence]:
                 n = hi - lo
+                fast = _fast_scored(resp.data, seqs[lo:hi], common, starts_l[lo:hi])
+                if fast is not None:
+                    items, logprobs = fast
+                    if top_k <= 0:
+                        return [ScoredSequence(lp) for lp in logprobs]
+                    return [
+                        _with_top_k(
+                            ScoredSequence(logprobs[j]),
+                            items[j]["meta_info"],
+                            f"{url}: {label}, sequence {a + j}",
+                            len(seqs[lo + j]) - common,
+                            common,
+                            starts_l[lo + j] - common,
+                            top_k,
+                        )
+                        for j in range(n)
+                    ]
+                # not the usual compact answer, or something is wrong with it: the full
+                # decoding and the entry-by-entry checks, which name what is wrong
+                answer = decode_answer(resp)
                 if not isinstance(answer, list) or len(answer) != n:
                     _item(answer, url, label, 0, n)  # raises, naming what came instead
                 return [
@@ -355,7 +386,7 @@ class SGLangClient:
                 ]
 
             checked, _ = self.request(
-                "POST", "/generate", body, label=label, cancel=cancel, parse=parse
+                "POST", "/generate", body, label=label, cancel=cancel, parse=parse, raw=True
             )
             return checked
 
@@ -458,10 +489,30 @@ def _check_scored(
     if logprobs is None:  # something is off: find the first bad entry and name it
         where = f"{url}: {label}, sequence {index}"
         logprobs = _checked_logprobs(entries, ids, skip, sent_start, where)
+    return _with_top_k(
+        ScoredSequence(logprobs),
+        meta,
+        f"{url}: {label}, sequence {index}",
+        expected,
+        sent_start,
+        skip,
+        top_k,
+    )
+
+
+def _with_top_k(
+    result: ScoredSequence,
+    meta: dict,
+    where: str,
+    expected: int,
+    sent_start: int,
+    skip: int,
+    top_k: int,
+) -> ScoredSequence:
+    """`result` with its top-k log-probs from `meta["input_top_logprobs"]` (entries
+    `skip..expected-1`), checked; unchanged when `top_k` is 0."""
     if top_k <= 0:
-        return ScoredSequence(logprobs)
-    where = f"{url}: {label}, sequence {index}"
-    result = ScoredSequence(logprobs)
+        return result
     tops = meta.get("input_top_logprobs")
     if not isinstance(tops, list) or len(tops) != expected:
         raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
@@ -536,6 +587,90 @@ def _checked_logprobs(
             )
         logprobs.append(float(e[0]))
     return logprobs
+
+
+_LOGPROBS_KEY = b'"input_token_logprobs"'
+_BRACKETS = b"[]"
+
+
+def _fast_scored(
+    data: bytes, seqs: list[list[int]], sent_start: int, starts: list[int]
+) -> tuple[list, list[list[float]]] | None:
+    """Decode and check a scoring answer of `len(seqs)` items without building one small
+    list per token: (the items, each sequence's log-probs), or None to take the slow path.
+
+    Most of the client's CPU per scoring request went to building and walking the
+    `[logprob, id, null]` list of every token. Here each item's `input_token_logprobs`
+    array is cut out of the bytes (the key, `:`, then up to its closing `]]`: its entries
+    hold no array or string) and replaced by the item's number in the rest, which is
+    decoded as usual. The arrays, stripped of their brackets, are decoded together as one
+    flat list `[lp, id, null, lp, id, null, ...]` and checked with slices in C: the total
+    length, the leading null, the ids sent from each sequence's start on, null third
+    fields, and the values (finite, <= 0). The rest must decode with each placeholder in
+    its item's `meta_info.input_token_logprobs`, so a cut in the wrong place (say a key
+    inside a string) is noticed. Anything unexpected (another layout, a bad value, NaN
+    literals) returns None: the caller then decodes the whole answer and checks it entry
+    by entry, naming what is wrong. (Entry boundaries are not checked one by one: entries
+    that are not triples but whose flattened values, ids and nulls all fall in place would
+    pass, with each value still paired with its token's id.)
+    """
+    n = len(seqs)
+    parts, arrays = [], []
+    pos = 0
+    for j in range(n):
+        k = data.find(_LOGPROBS_KEY, pos)
+        if k < 0:
+            return None
+        k += len(_LOGPROBS_KEY)
+        b = data.find(b"[", k)
+        if b < 0 or data[k:b].strip() != b":":
+            return None
+        # the array holds no string: it ends at the last "]]" before the next '"' (found
+        # with memchr; a forward search for "]]" stops at every ']' and costs 5x more)
+        q = data.find(b'"', b)
+        e = data.rfind(b"]]", b, len(data) if q < 0 else q)
+        if e < 0:
+            return None
+        parts += (data[pos:b], str(j).encode())
+        arrays.append(data[b : e + 2])
+        pos = e + 2
+    if data.find(_LOGPROBS_KEY, pos) >= 0:
+        return None
+    parts.append(data[pos:])
+    try:
+        items = loads_json(b"".join(parts))
+        # "[[lp,id,null],...],[[...]]" -> "[lp,id,null,...,lp,id,null]"
+        flat = loads_json(b"[" + b",".join(arrays).translate(None, _BRACKETS) + b"]")
+    except ValueError:
+        return None
+    if not isinstance(items, list) or len(items) != n:
+        return None
+    out, sent = [], []
+    o = 0  # offset of sequence j's entries in `flat`
+    try:
+        for j, item in enumerate(items):
+            mark = item["meta_info"]["input_token_logprobs"]
+            if type(mark) is not int or mark != j or flat[o] is not None:  # leading null
+                return None
+            ids = seqs[j]
+            lo = o + 3 * (starts[j] - sent_start)  # entry of token `start`
+            o += 3 * (len(ids) - sent_start)
+            out.append(flat[lo:o:3])
+            sent.append(ids[sent_start:])
+        # every entry: the id sent and a null third field (checked for all entries, also
+        # those before a sequence's own start), then the values kept: finite and <= 0
+        values = itertools.chain.from_iterable(out)
+        if (
+            o != len(flat)
+            or flat[1::3] != list(itertools.chain.from_iterable(sent))
+            or flat[2::3].count(None) != o // 3
+            or not math.isfinite(sum(values))
+            or max(itertools.chain.from_iterable(out), default=0.0) > _MAX_LOGPROB
+        ):
+            return None
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    return items, out
 
 
 def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list[float] | None:
