@@ -333,6 +333,10 @@ class CheckpointConfig:
     # at the end, also write the student as a Hugging Face folder (RUN_DIR/hf_final),
     # loadable by transformers and SGLang
     save_hf: bool = True
+    # the distributed optimizer's state: "fully_reshardable" resumes at any TP/PP/EP/DP
+    # layout but each rank reads its shard's whole fp32 state into new tensors at resume
+    # (~6x the bf16 weights); "dp_reshardable" loads in place, resuming at the same TP/PP/EP
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
     def validate(self, path: str) -> None:
         if self.interval < 0:

@@ -12,6 +12,9 @@ One torchrun launch (2 processes, `tests/workers/train_state_cases.py`) runs, in
 - `fresh`: a state saved before any optimizer step (Adam state created as a first step
   would), resumed at TP2.
 
+Also: a state saved with `checkpoint.optimizer_format=dp_reshardable` resumes bitwise at its
+layout and is refused, naming the key, at another TP.
+
 Slow: the same without the distributed optimizer (TP2 -> TP1 and PP2), and with bf16
 parameters (TP2 -> TP2 bitwise, TP2 -> TP1xDP2).
 """
@@ -44,6 +47,11 @@ BF16_CASES = [
     {"name": "tp2", "tp": 2, "load": "a", "start": 2, "dtype": "bf16"},
     {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "dtype": "bf16"},
 ]
+DP_RESHARDABLE_CASES = [
+    {"name": "save", "tp": 2, "save": "a", "start": 2, "format": "dp_reshardable"},
+    {"name": "tp2", "tp": 2, "load": "a", "start": 2},
+    {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "expect_error": True},
+]
 PLAIN_CASES = [
     {"name": "save", "tp": 2, "save": "a", "start": 2, "distopt": False},
     {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "distopt": False},
@@ -58,7 +66,12 @@ class StateRuns:
 
     def results(self, group: str) -> dict:
         if group not in self._results:
-            cases = {"distopt": CASES, "plain": PLAIN_CASES, "bf16": BF16_CASES}[group]
+            cases = {
+                "distopt": CASES,
+                "plain": PLAIN_CASES,
+                "bf16": BF16_CASES,
+                "dp_reshardable": DP_RESHARDABLE_CASES,
+            }[group]
             out = os.path.join(self.root, group)
             launch = start_workers(
                 WORKER,
@@ -122,6 +135,17 @@ def test_training_checkpoint_is_a_megatron_checkpoint(state_runs: StateRuns):
 def test_resume_before_the_first_step(state_runs: StateRuns):
     results = state_runs.results("distopt")
     _check(results, "fresh", "fresh-tp2", exact=False)
+
+
+@pytest.mark.multirank
+def test_resume_dp_reshardable(state_runs: StateRuns):
+    """`checkpoint.optimizer_format=dp_reshardable`: resumes bitwise at the saved layout,
+    and at another TP is refused with a message naming the key and both layouts."""
+    results = state_runs.results("dp_reshardable")
+    _check(results, "save", "tp2", exact=True)
+    msg = results["tp1dp2"]["error"]
+    assert "checkpoint.optimizer_format=dp_reshardable" in msg, msg
+    assert "TP2 PP1 EP1" in msg and "this run is TP1 PP1 EP1" in msg, msg
 
 
 @pytest.mark.multirank

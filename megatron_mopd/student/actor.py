@@ -76,7 +76,12 @@ class Student:
         from megatron_mopd.student.state import save_training_state
 
         save_training_state(
-            self.model_chunks, self.optimizer, self.scheduler, out_dir, model_cfg=self.model_cfg
+            self.model_chunks,
+            self.optimizer,
+            self.scheduler,
+            out_dir,
+            model_cfg=self.model_cfg,
+            optimizer_format=self.cfg.checkpoint.optimizer_format,
         )
 
     def load_state(self, in_dir: str) -> None:

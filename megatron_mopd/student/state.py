@@ -11,11 +11,13 @@ Collective: every rank calls both. The folder holds (megatron-core torch_dist fo
   same keys as `convert.mcore` checkpoints: saved with `model_cfg`, the folder also gets
   `mopd_model.json`, and `load_mcore_checkpoint` and `mopd convert mcore-to-hf` read its
   model part);
-- the optimizer: Adam's moments (and fp32 main parameters with bf16/fp16 models) in model
-  space. With the distributed optimizer they are saved `fully_reshardable` (gathered over DP
-  at save, each rank reading its slice at load), the one distributed-optimizer format that
-  reshards over TP/PP/EP as well as DP; without it, per-parameter tensors of the model's
-  shapes, which reshard natively;
+- the optimizer: Adam's moments (and fp32 main parameters with bf16/fp16 models). With the
+  distributed optimizer they are saved `fully_reshardable` by default (in model space,
+  gathered over DP at save, each rank reading its shard's whole state and keeping its
+  slice at load), the one distributed-optimizer format that reshards over TP/PP/EP as well
+  as DP, or `dp_reshardable` (`checkpoint.optimizer_format`: megatron's buckets, each rank
+  reading its own part in place; resumes only at the saved TP/PP/EP, which is checked);
+  without it, per-parameter tensors of the model's shapes, which reshard natively;
 - the LR scheduler's state and a small description, as common (rank-0) state.
 
 torch's Adam (used when neither Apex nor Transformer Engine is installed, e.g. on CPU) keeps a
@@ -41,21 +43,38 @@ from megatron_mopd.config import ModelConfig
 from megatron_mopd.errors import UserError
 
 STATE_VERSION = 1
-# how the optimizer is saved: reshardable across every parallel dimension
+# how the distributed optimizer's state is saved (`checkpoint.optimizer_format`):
+# fully_reshardable resumes at any layout; dp_reshardable only at the saved TP/PP/EP, but
+# loads without a full-size copy of the state
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
 }
 
 
-def sharding_metadata() -> dict[str, Any]:
-    """`SHARDING_METADATA`, plus, without CUDA, the memory-efficient variant of
-    `fully_reshardable` (gathers over DP with gloo to DP rank 0; the default all-gathers
-    with `.cuda()` tensors). Both variants write interchangeable checkpoints."""
-    meta = dict(SHARDING_METADATA)
-    if not torch.cuda.is_available():
+def sharding_metadata(optimizer_format: str = "fully_reshardable") -> dict[str, Any]:
+    """`SHARDING_METADATA` for `optimizer_format`, plus, without CUDA, the memory-efficient
+    variant of `fully_reshardable` (gathers over DP with gloo to DP rank 0; the default
+    all-gathers with `.cuda()` tensors). Both variants write interchangeable checkpoints."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
+    meta = dict(SHARDING_METADATA, distrib_optim_sharding_type=optimizer_format)
+    if optimizer_format == "fully_reshardable" and not torch.cuda.is_available():
         meta["distrib_optim_fully_reshardable_mem_efficient"] = True
     return meta
+
+
+def _model_layout() -> list[int]:
+    """[TP, PP, EP, expert TP] of this process (what a dp_reshardable state is tied to)."""
+    from megatron.core import parallel_state as ps
+
+    return [
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+    ]
 
 
 def _megatron_optimizers(optimizer: Any) -> list[Any]:
@@ -150,10 +169,10 @@ def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) 
         return
     step = info.get("optimizer_step")
     for opt, part in zip(optimizers, parts):
-        if part.get("param_state_sharding_type", "fully_reshardable") != "fully_reshardable":
+        kind = part.get("param_state_sharding_type", "fully_reshardable")
+        if kind not in OPTIMIZER_FORMATS:
             raise UserError(
-                f"optimizer state saved as {part['param_state_sharding_type']!r}; "
-                "only fully_reshardable is supported"
+                f"optimizer state saved as {kind!r}; supported: {', '.join(OPTIMIZER_FORMATS)}"
             )
         own = opt.state_dict()
         for group in own["optimizer"]["param_groups"]:
@@ -165,7 +184,13 @@ def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) 
         inner = opt.optimizer
         steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
         try:
-            opt.load_parameter_state_from_fully_reshardable(part["param_state"])
+            if kind == "dp_reshardable":
+                # not under no_grad in megatron-core 0.16.1: with fp32 parameters (their own
+                # main parameters) the copy into a leaf that requires grad fails
+                with torch.no_grad():
+                    opt.load_parameter_state_from_dp_reshardable(part["param_state"])
+            else:
+                opt.load_parameter_state_from_fully_reshardable(part["param_state"])
         finally:
             for p, value in steps.items():
                 # megatron gives every parameter the *same* step tensor, which torch's Adam
@@ -174,7 +199,11 @@ def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) 
 
 
 def training_sharded_state_dict(
-    model_chunks: list[Any], optimizer: Any, scheduler: Any, is_loading: bool
+    model_chunks: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    is_loading: bool,
+    optimizer_format: str = "fully_reshardable",
 ) -> dict[str, Any]:
     """The sharded state dict saved by `save_training_state` (model, optimizer, scheduler)."""
     from megatron_mopd.convert.mcore import model_sharded_state_dict
@@ -193,9 +222,11 @@ def training_sharded_state_dict(
             distributed_optimizer=_uses_distributed_optimizer(optimizer),
             optimizer_step=optimizer_step(optimizer),
             grad_scaler=_grad_scaler_state(optimizer),
+            optimizer_format=optimizer_format,
+            model_layout=_model_layout(),
         )
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_part, is_loading=is_loading, metadata=sharding_metadata()
+            model_part, is_loading=is_loading, metadata=sharding_metadata(optimizer_format)
         )
     state["mopd_state"] = info
     if scheduler is not None:
@@ -209,8 +240,17 @@ def save_training_state(
     scheduler: Any,
     out_dir: str | os.PathLike,
     model_cfg: ModelConfig | None = None,
+    optimizer_format: str = "fully_reshardable",
 ) -> None:
     """Save model, optimizer and LR scheduler to `out_dir` (collective; every rank calls it).
+
+    `optimizer_format` (`checkpoint.optimizer_format`) is how the distributed optimizer's
+    state is written: `fully_reshardable` resumes at any TP/PP/EP/DP layout, but each rank
+    then reads the whole optimizer state of its model shard into new tensors (a transient
+    of the full fp32 state: ~6x the bf16 weights of the shard, tools/bench_resume.py);
+    `dp_reshardable` is megatron's bucket layout: each rank reads only its own part, in
+    place, and the state resumes only at the saved TP/PP/EP (megatron-core also allows
+    another DP size; not tested here).
 
     `out_dir` must be empty or absent; the run-level checkpoint manager publishes the
     enclosing folder atomically (`checkpoint.CheckpointManager.save`). `optimizer` and
@@ -226,7 +266,9 @@ def save_training_state(
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
+    state = training_sharded_state_dict(
+        model_chunks, optimizer, scheduler, is_loading=False, optimizer_format=optimizer_format
+    )
     with dist_checkpointing_io():
         dist_checkpointing.save(state, out_dir)  # ends with a barrier
     if model_cfg is not None:
@@ -261,6 +303,7 @@ def load_training_state(
         load_error_text,
         load_errors,
         load_model_state,
+        merge_in_place,
     )
 
     common = dist_checkpointing.load_common_state_dict(in_dir)
@@ -275,7 +318,27 @@ def load_training_state(
     if scheduler is not None and not info.get("scheduler"):
         raise UserError(f"training checkpoint {in_dir}: saved without LR scheduler state")
 
-    state = training_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=True)
+    saved_format = info.get("optimizer_format", "fully_reshardable")
+    if (
+        optimizer is not None
+        and info.get("distributed_optimizer")
+        and saved_format == "dp_reshardable"
+        and _uses_distributed_optimizer(optimizer)
+        and info.get("model_layout") != _model_layout()
+    ):
+        names = ("TP", "PP", "EP", "expert TP")
+        saved = " ".join(f"{n}{v}" for n, v in zip(names, info.get("model_layout") or []))
+        now = " ".join(f"{n}{v}" for n, v in zip(names, _model_layout()))
+        raise UserError(
+            f"training checkpoint {in_dir}: its optimizer state was saved with "
+            f"checkpoint.optimizer_format=dp_reshardable at {saved}, which resumes only at "
+            f"that layout; this run is {now}. Resume at the saved layout (then save with "
+            "checkpoint.optimizer_format=fully_reshardable to change it)"
+        )
+    state = training_sharded_state_dict(
+        model_chunks, optimizer, scheduler, is_loading=True, optimizer_format=saved_format
+    )
+    merge_in_place(state)  # fused fc1 halves: no concatenated copy of every expert's fc1
     try:
         with dist_checkpointing_io():
             loaded = dist_checkpointing.load(state, in_dir)

@@ -13,7 +13,9 @@ independent). Batch k is the same everywhere.
 - `"save": NAME`: run steps 0 .. start-1, save the training state to ROOT/NAME, then run
   `RESUMED_STEPS` more (the reference).
 - `"load": NAME`: build the model from a *different* random seed, load ROOT/NAME, run
-  steps start .. start + RESUMED_STEPS - 1. With `"model_only": true` only the model is
+  steps start .. start + RESUMED_STEPS - 1; with `"expect_error": true`, the load must
+  raise `UserError`, whose message is the result. `"format"` on a save case is the
+  distributed optimizer's `optimizer_format`. With `"model_only": true` only the model is
   loaded, with `convert.mcore.load_mcore_checkpoint` (the optimizer starts fresh).
 
 Each rank saves `{case name: {"losses": [...], "lrs": [...], ...}}`. The second resumed step
@@ -117,13 +119,29 @@ def run_case(case: dict, ckpt_root: str) -> dict:
     if saving:
         before = [step(k)["loss"] for k in range(start_step)]
         save_start = time.perf_counter()
-        save_training_state(chunks, optimizer, scheduler, ckpt_dir, model_cfg=model_cfg)
+        save_training_state(
+            chunks,
+            optimizer,
+            scheduler,
+            ckpt_dir,
+            model_cfg=model_cfg,
+            optimizer_format=case.get("format", "fully_reshardable"),
+        )
         io_seconds = time.perf_counter() - save_start
         described = read_mcore_config(ckpt_dir).num_moe_experts
     elif case.get("model_only"):  # the model part only, as a Megatron checkpoint
         load_start = time.perf_counter()
         load_mcore_checkpoint(chunks, ckpt_dir)
         io_seconds = time.perf_counter() - load_start
+    elif case.get("expect_error"):
+        from megatron_mopd.errors import UserError
+
+        try:
+            load_training_state(chunks, optimizer, scheduler, ckpt_dir)
+        except UserError as e:
+            distributed.destroy(keep_process_group=True)
+            return {"error": str(e), "seconds": time.perf_counter() - start, "io_seconds": 0.0}
+        raise AssertionError(f"case {case['name']}: the load did not fail")
     else:
         load_start = time.perf_counter()
         load_training_state(chunks, optimizer, scheduler, ckpt_dir)
