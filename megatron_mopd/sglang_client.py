@@ -29,7 +29,7 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   `[logprob, token_id, ...]` per token with the token ids that were sent, and every
   log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
   server and is not retried. Scoring answers in SGLang's compact layout are checked on a
-  flat decoding of their log-prob arrays (`_fast_scored`: ~30% less client CPU); any
+  flat decoding of their log-prob arrays (`fast_scored`: ~30% less client CPU); any
   other layout, or any doubt, gets the full decoding and the entry-by-entry check. JSON has no NaN: SGLang (orjson) writes NaN and inf as
   `null`, other servers may write `NaN`/`Infinity`; both are caught.
 - Every failure raises `TeacherError` naming the server URL, the request number and the
@@ -42,26 +42,24 @@ import contextlib
 import gc
 import http.client
 import itertools
-import math
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Any
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.http_pool import (
-    Answer,
-    ConnectionPool,
-    decode_answer,
-    dumps_json,
-    error_text,
-    loads_json,
+from megatron_mopd.http_pool import Answer, ConnectionPool, decode_answer, dumps_json, error_text
+from megatron_mopd.sglang_answers import (
+    Generation,
+    ScoredSequence,
+    check_generation,
+    check_item,
+    check_scored,
+    fast_scored,
+    with_top_k,
 )
-
-_MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 
 _gc_lock = threading.Lock()
 _gc_depth = 0
@@ -90,25 +88,6 @@ def gc_paused():
             _gc_depth -= 1
             if _gc_depth == 0 and _gc_was_enabled:
                 gc.enable()
-
-
-@dataclass
-class ScoredSequence:
-    """Log-probs of the tokens `start..L-1` of one scored sequence (`top_*`: k per token)."""
-
-    logprobs: list[float]
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
-
-
-@dataclass
-class Generation:
-    """One sampled continuation, as the server returned it (checked)."""
-
-    output_ids: list[int]
-    logprobs: list[float]
-    finish_reason: dict
-    weight_version: str | None
 
 
 class _Cancelled(Exception):
@@ -348,13 +327,13 @@ class SGLangClient:
 
             def parse(resp: Answer, url: str) -> list[ScoredSequence]:
                 n = hi - lo
-                fast = _fast_scored(resp.data, seqs[lo:hi], common, starts_l[lo:hi])
+                fast = fast_scored(resp.data, seqs[lo:hi], common, starts_l[lo:hi])
                 if fast is not None:
                     items, logprobs = fast
                     if top_k <= 0:
                         return [ScoredSequence(lp) for lp in logprobs]
                     return [
-                        _with_top_k(
+                        with_top_k(
                             ScoredSequence(logprobs[j]),
                             items[j]["meta_info"],
                             f"{url}: {label}, sequence {a + j}",
@@ -369,9 +348,9 @@ class SGLangClient:
                 # decoding and the entry-by-entry checks, which name what is wrong
                 answer = decode_answer(resp)
                 if not isinstance(answer, list) or len(answer) != n:
-                    _item(answer, url, label, 0, n)  # raises, naming what came instead
+                    check_item(answer, url, label, 0, n)  # raises, naming what came instead
                 return [
-                    _check_scored(
+                    check_scored(
                         answer[j],
                         url,
                         label,
@@ -428,8 +407,7 @@ class SGLangClient:
                 if single:
                     answer = [answer]
                 return [
-                    _check_generation(answer, url, label, j, lo + j, hi - lo)
-                    for j in range(hi - lo)
+                    check_generation(answer, url, label, j, lo + j, hi - lo) for j in range(hi - lo)
                 ]
 
             checked, _ = self.request(
@@ -438,263 +416,3 @@ class SGLangClient:
             return checked
 
         return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
-
-
-# -------------------------------------------------------------------- checks
-
-
-def _item(answer: Any, url: str, label: str, j: int, n: int) -> dict:
-    """Item `j` of a batch answer (a list of n objects)."""
-    if not isinstance(answer, list) or len(answer) != n:
-        got = f"a list of {len(answer)}" if isinstance(answer, list) else type(answer).__name__
-        raise TeacherError(f"{url}: {label}: expected a list of {n} results, got {got}")
-    item = answer[j]
-    if not isinstance(item, dict) or not isinstance(item.get("meta_info"), dict):
-        raise TeacherError(f"{url}: {label}, item {j}: no meta_info in the answer")
-    return item
-
-
-def _check_scored(
-    item: Any,
-    url: str,
-    label: str,
-    j: int,
-    index: int,
-    ids: list[int],
-    sent_start: int,
-    start: int,
-    top_k: int,
-) -> ScoredSequence:
-    """Turn item `j` of a scoring answer (sent with `logprob_start_len = sent_start`) into
-    the log-probs of tokens `start..`, or raise `TeacherError`."""
-    meta = item.get("meta_info") if isinstance(item, dict) else None
-    if not isinstance(meta, dict):
-        raise TeacherError(f"{url}: {label}, item {j}: no meta_info in the answer")
-    entries = meta.get("input_token_logprobs")
-    expected = len(ids) - sent_start
-    if not isinstance(entries, list) or len(entries) != expected:
-        got = len(entries) if isinstance(entries, list) else repr(entries)[:50]
-        raise TeacherError(
-            f"{url}: {label}, sequence {index}: {got} input_token_logprobs for {len(ids)} "
-            f"tokens from logprob_start_len={sent_start}; expected {expected}"
-        )
-    first = entries[0]
-    if not isinstance(first, list | tuple) or len(first) < 2 or first[0] is not None:
-        raise TeacherError(
-            f"{url}: {label}, sequence {index}: the first input_token_logprobs entry is "
-            f"{first!r}; the contract gives a leading null"
-        )
-    skip = start - sent_start  # entries before token `start` (the leading null included)
-    logprobs = _fast_logprobs(entries, skip, ids, start)
-    if logprobs is None:  # something is off: find the first bad entry and name it
-        where = f"{url}: {label}, sequence {index}"
-        logprobs = _checked_logprobs(entries, ids, skip, sent_start, where)
-    return _with_top_k(
-        ScoredSequence(logprobs),
-        meta,
-        f"{url}: {label}, sequence {index}",
-        expected,
-        sent_start,
-        skip,
-        top_k,
-    )
-
-
-def _with_top_k(
-    result: ScoredSequence,
-    meta: dict,
-    where: str,
-    expected: int,
-    sent_start: int,
-    skip: int,
-    top_k: int,
-) -> ScoredSequence:
-    """`result` with its top-k log-probs from `meta["input_top_logprobs"]` (entries
-    `skip..expected-1`), checked; unchanged when `top_k` is 0."""
-    if top_k <= 0:
-        return result
-    tops = meta.get("input_top_logprobs")
-    if not isinstance(tops, list) or len(tops) != expected:
-        raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
-    result.top_ids, result.top_logprobs = [], []
-    for k in range(skip, expected):
-        row = tops[k]
-        pos = sent_start + k
-        if not isinstance(row, list) or len(row) != top_k:
-            got = len(row) if isinstance(row, list) else repr(row)
-            raise TeacherError(f"{where}: token {pos}: {got} top log-probs, expected {top_k}")
-        ids_k, lps_k = [], []
-        for e in row:
-            if not isinstance(e, list | tuple) or len(e) < 2 or not _is_logprob(e[0]):
-                raise TeacherError(f"{where}: token {pos}: bad top log-prob entry {e!r}")
-            if not isinstance(e[1], int) or isinstance(e[1], bool):
-                raise TeacherError(f"{where}: token {pos}: bad top token id {e[1]!r}")
-            ids_k.append(e[1])
-            lps_k.append(float(e[0]))
-        result.top_ids.append(ids_k)
-        result.top_logprobs.append(lps_k)
-    return result
-
-
-def _check_generation(answer: Any, url: str, label: str, j: int, index: int, n: int) -> Generation:
-    """Turn item `j` of a sampling answer into a `Generation`, or raise `TeacherError`."""
-    item = _item(answer, url, label, j, n)
-    meta = item["meta_info"]
-    where = f"{url}: {label}, prompt {index}"
-    out_ids = item.get("output_ids")
-    entries = meta.get("output_token_logprobs")
-    finish = meta.get("finish_reason")
-    if isinstance(finish, dict) and finish.get("type") == "abort":
-        raise TeacherError(f"{where}: the server aborted the request: {finish.get('message')}")
-    if not isinstance(finish, dict) or finish.get("type") not in ("stop", "length"):
-        raise TeacherError(f"{where}: unexpected finish_reason {finish!r}")
-    if not isinstance(out_ids, list) or not isinstance(entries, list):
-        raise TeacherError(f"{where}: output_ids / output_token_logprobs missing")
-    if len(entries) != len(out_ids):
-        raise TeacherError(
-            f"{where}: {len(entries)} output_token_logprobs for {len(out_ids)} output tokens"
-        )
-    logprobs = []
-    for t, (e, tok) in enumerate(zip(entries, out_ids)):
-        if not isinstance(e, list | tuple) or len(e) < 2 or e[1] != tok:
-            raise TeacherError(f"{where}: output token {t}: entry {e!r} does not match id {tok}")
-        if not _is_logprob(e[0]):
-            raise TeacherError(
-                f"{where}: output token {t} (id {tok}) has log-prob {e[0]!r}; expected a finite "
-                "number <= 0"
-            )
-        logprobs.append(float(e[0]))
-    return Generation(list(out_ids), logprobs, finish, meta.get("weight_version"))
-
-
-def _checked_logprobs(
-    entries: list, ids: list[int], skip: int, sent_start: int, where: str
-) -> list[float]:
-    """Entry-by-entry check of `input_token_logprobs[skip:]`; raises on the first bad one."""
-    logprobs = []
-    for k in range(skip, len(entries)):
-        e = entries[k]
-        pos = sent_start + k
-        if not isinstance(e, list | tuple) or len(e) < 2:
-            raise TeacherError(f"{where}: token {pos}: malformed entry {e!r}")
-        if e[1] != ids[pos] and e[1] != 0:
-            # SGLang reports ids >= vocab_size - 1 as 0 (logprob_result_processor.py)
-            raise TeacherError(f"{where}: token {pos}: answer is for id {e[1]!r}, sent {ids[pos]}")
-        if not _is_logprob(e[0]):
-            raise TeacherError(
-                f"{where}: token {pos} (id {ids[pos]}) has log-prob {e[0]!r}; expected a finite "
-                "number <= 0"
-            )
-        logprobs.append(float(e[0]))
-    return logprobs
-
-
-_LOGPROBS_KEY = b'"input_token_logprobs"'
-_BRACKETS = b"[]"
-
-
-def _fast_scored(
-    data: bytes, seqs: list[list[int]], sent_start: int, starts: list[int]
-) -> tuple[list, list[list[float]]] | None:
-    """Decode and check a scoring answer of `len(seqs)` items without building one small
-    list per token: (the items, each sequence's log-probs), or None to take the slow path.
-
-    Most of the client's CPU per scoring request went to building and walking the
-    `[logprob, id, null]` list of every token. Here each item's `input_token_logprobs`
-    array is cut out of the bytes (the key, `:`, then up to its closing `]]`: its entries
-    hold no array or string) and replaced by the item's number in the rest, which is
-    decoded as usual. The arrays, stripped of their brackets, are decoded together as one
-    flat list `[lp, id, null, lp, id, null, ...]` and checked with slices in C: the total
-    length, the leading null, the ids sent from each sequence's start on, null third
-    fields, and the values (finite, <= 0). The rest must decode with each placeholder in
-    its item's `meta_info.input_token_logprobs`, so a cut in the wrong place (say a key
-    inside a string) is noticed. Anything unexpected (another layout, a bad value, NaN
-    literals) returns None: the caller then decodes the whole answer and checks it entry
-    by entry, naming what is wrong. (Entry boundaries are not checked one by one: entries
-    that are not triples but whose flattened values, ids and nulls all fall in place would
-    pass, with each value still paired with its token's id.)
-    """
-    n = len(seqs)
-    parts, arrays = [], []
-    pos = 0
-    for j in range(n):
-        k = data.find(_LOGPROBS_KEY, pos)
-        if k < 0:
-            return None
-        k += len(_LOGPROBS_KEY)
-        b = data.find(b"[", k)
-        if b < 0 or data[k:b].strip() != b":":
-            return None
-        # the array holds no string: it ends at the last "]]" before the next '"' (found
-        # with memchr; a forward search for "]]" stops at every ']' and costs 5x more)
-        q = data.find(b'"', b)
-        e = data.rfind(b"]]", b, len(data) if q < 0 else q)
-        if e < 0:
-            return None
-        parts += (data[pos:b], str(j).encode())
-        arrays.append(data[b : e + 2])
-        pos = e + 2
-    if data.find(_LOGPROBS_KEY, pos) >= 0:
-        return None
-    parts.append(data[pos:])
-    try:
-        items = loads_json(b"".join(parts))
-        # "[[lp,id,null],...],[[...]]" -> "[lp,id,null,...,lp,id,null]"
-        flat = loads_json(b"[" + b",".join(arrays).translate(None, _BRACKETS) + b"]")
-    except ValueError:
-        return None
-    if not isinstance(items, list) or len(items) != n:
-        return None
-    out, sent = [], []
-    o = 0  # offset of sequence j's entries in `flat`
-    try:
-        for j, item in enumerate(items):
-            mark = item["meta_info"]["input_token_logprobs"]
-            if type(mark) is not int or mark != j or flat[o] is not None:  # leading null
-                return None
-            ids = seqs[j]
-            lo = o + 3 * (starts[j] - sent_start)  # entry of token `start`
-            o += 3 * (len(ids) - sent_start)
-            out.append(flat[lo:o:3])
-            sent.append(ids[sent_start:])
-        # every entry: the id sent and a null third field (checked for all entries, also
-        # those before a sequence's own start), then the values kept: finite and <= 0
-        values = itertools.chain.from_iterable(out)
-        if (
-            o != len(flat)
-            or flat[1::3] != list(itertools.chain.from_iterable(sent))
-            or flat[2::3].count(None) != o // 3
-            or not math.isfinite(sum(values))
-            or max(itertools.chain.from_iterable(out), default=0.0) > _MAX_LOGPROB
-        ):
-            return None
-    except (TypeError, KeyError, IndexError, ValueError):
-        return None
-    return items, out
-
-
-def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list[float] | None:
-    """The log-probs of `entries[skip:]` if they are well-formed `[logprob, id, ...]`
-    entries for `ids[start:]`, checked in bulk with C-level loops: one list of values, one
-    of ids compared with the ids sent, a sum (non-finite if any value is NaN or +-inf; a
-    null or a string raises) and a max (a positive value). None when anything is off:
-    the caller's entry-by-entry pass then finds the first bad entry and names it."""
-    try:
-        tail = entries[skip:]
-        vals = [e[0] for e in tail]
-        if [e[1] for e in tail] != ids[start:]:
-            return None
-        if vals and not (math.isfinite(sum(vals)) and max(vals) <= _MAX_LOGPROB):
-            return None
-    except (TypeError, IndexError, KeyError):
-        return None
-    return vals
-
-
-def _is_logprob(x: Any) -> bool:
-    return (
-        isinstance(x, int | float)
-        and not isinstance(x, bool)
-        and math.isfinite(x)
-        and x <= _MAX_LOGPROB
-    )

@@ -336,11 +336,11 @@ def _scoring_item(ids, sent_start):
 def test_bulk_check_names_the_first_bad_token(bad, needle):
     """The bulk (C-level) check of a long answer rejects every kind of bad entry, and the
     error names the sequence and the *first* bad token, wherever it is."""
-    from megatron_mopd.sglang_client import _check_scored
+    from megatron_mopd.sglang_answers import check_scored
 
     ids = [4 + (7 * i) % 120 for i in range(300)]
     good = _scoring_item(ids, 9)
-    got = _check_scored(good, "http://u", "req", 0, 42, ids, 9, 10, 0).logprobs
+    got = check_scored(good, "http://u", "req", 0, 42, ids, 9, 10, 0).logprobs
     assert got == [e[0] for e in good["meta_info"]["input_token_logprobs"][1:]]
     for first in (10, 150, 299):  # token positions (entry = position - 9)
         item = _scoring_item(ids, 9)
@@ -354,13 +354,13 @@ def test_bulk_check_names_the_first_bad_token(bad, needle):
             else:
                 e[0] = bad
         with pytest.raises(TeacherError) as err:
-            _check_scored(item, "http://u", "req", 0, 42, ids, 9, 10, 0)
+            check_scored(item, "http://u", "req", 0, 42, ids, 9, 10, 0)
         msg = str(err.value)
         assert f"sequence 42: token {first}" in msg and needle in msg and "http://u" in msg, msg
     # entries before the sequence's own start are not its log-probs: not checked
     item = _scoring_item(ids, 9)
     item["meta_info"]["input_token_logprobs"][3][0] = float("nan")
-    assert len(_check_scored(item, "http://u", "req", 0, 42, ids, 9, 20, 0).logprobs) == 280
+    assert len(check_scored(item, "http://u", "req", 0, 42, ids, 9, 20, 0).logprobs) == 280
 
 
 def _scoring_answer(seqs, sent_start, **meta):
@@ -374,10 +374,10 @@ def _scoring_answer(seqs, sent_start, **meta):
 
 
 def _full_check(items, seqs, sent_start, starts, top_k=0):
-    from megatron_mopd.sglang_client import _check_scored
+    from megatron_mopd.sglang_answers import check_scored
 
     return [
-        _check_scored(it, "u", "l", j, j, seqs[j], sent_start, starts[j], top_k).logprobs
+        check_scored(it, "u", "l", j, j, seqs[j], sent_start, starts[j], top_k).logprobs
         for j, it in enumerate(items)
     ]
 
@@ -390,7 +390,7 @@ def test_fast_path_agrees_with_the_entry_by_entry_check():
 
     import orjson
 
-    from megatron_mopd.sglang_client import _fast_scored
+    from megatron_mopd.sglang_answers import fast_scored
 
     rng = random.Random(0)
     for sent_start in (0, 3):
@@ -398,12 +398,12 @@ def test_fast_path_agrees_with_the_entry_by_entry_check():
         starts = [rng.randint(sent_start + 1, len(s)) for s in seqs]
         items = _scoring_answer(seqs, sent_start, weight_version="w", e2e_latency=0.1)
         want = _full_check(items, seqs, sent_start, starts)
-        fast = _fast_scored(orjson.dumps(items), seqs, sent_start, starts)
+        fast = fast_scored(orjson.dumps(items), seqs, sent_start, starts)
         assert fast is not None and fast[1] == want
         assert [it["meta_info"]["weight_version"] for it in fast[0]] == ["w"] * 5
         # other layouts (spaces, newlines) are decoded right, or left to the full path
         for text in (json.dumps(items), json.dumps(items, indent=2)):
-            got = _fast_scored(text.encode(), seqs, sent_start, starts)
+            got = fast_scored(text.encode(), seqs, sent_start, starts)
             assert got is None or got[1] == want
 
 
@@ -448,16 +448,16 @@ def test_fast_path_refuses_what_is_wrong():
     the problem; a key-like string in another field does not confuse the cut."""
     import orjson
 
-    from megatron_mopd.sglang_client import _fast_scored
+    from megatron_mopd.sglang_answers import fast_scored
 
     seqs = [[4 + (3 * i + j) % 90 for i in range(12)] for j in range(3)]
     starts = [1, 1, 1]
     for name, data in _bad_answers(seqs):
-        assert _fast_scored(data, seqs, 0, starts) is None, name
+        assert fast_scored(data, seqs, 0, starts) is None, name
     items = _scoring_answer(seqs, 0)
     items[0]["text"] = '"input_token_logprobs":[[1,2,3]]'
     items[1]["meta_info"]["note"] = 'x"input_token_logprobs":[[null]]'
-    fast = _fast_scored(orjson.dumps(items), seqs, 0, starts)
+    fast = fast_scored(orjson.dumps(items), seqs, 0, starts)
     assert fast is None or fast[1] == _full_check(items, seqs, 0, starts)
 
 
@@ -466,9 +466,9 @@ def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
     from megatron_mopd import sglang_client
 
     taken = []
-    real = sglang_client._fast_scored
+    real = sglang_client.fast_scored
     monkeypatch.setattr(
-        sglang_client, "_fast_scored", lambda *a: taken.append(real(*a)) or taken[-1]
+        sglang_client, "fast_scored", lambda *a: taken.append(real(*a)) or taken[-1]
     )
     with SGLangClient([server.url], max_in_flight=2) as c:
         out = c.score(seqs, batch_size=4, top_k=2)
