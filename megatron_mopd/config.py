@@ -335,7 +335,8 @@ class CheckpointConfig:
     save_hf: bool = True
     # the distributed optimizer's state: "fully_reshardable" resumes at any TP/PP/EP/DP
     # layout but each rank reads its shard's whole fp32 state into new tensors at resume
-    # (~6x the bf16 weights); "dp_reshardable" loads in place, resuming at the same TP/PP/EP
+    # (~7x the bf16 weights); "dp_reshardable" loads in place, resuming at the same TP/PP/EP
+    # (any DP size)
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
     def validate(self, path: str) -> None:

@@ -13,7 +13,8 @@ One torchrun launch (2 processes, `tests/workers/train_state_cases.py`) runs, in
   would), resumed at TP2.
 
 Also: a state saved with `checkpoint.optimizer_format=dp_reshardable` resumes bitwise at its
-layout and is refused, naming the key, at another TP.
+layout, resumes at another DP size (TP1 x DP2 saved, one process resumes), and is refused,
+naming the key, at another TP.
 
 Slow: the same without the distributed optimizer (TP2 -> TP1 and PP2), and with bf16
 parameters (TP2 -> TP2 bitwise, TP2 -> TP1xDP2).
@@ -51,7 +52,10 @@ DP_RESHARDABLE_CASES = [
     {"name": "save", "tp": 2, "save": "a", "start": 2, "format": "dp_reshardable"},
     {"name": "tp2", "tp": 2, "load": "a", "start": 2},
     {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "expect_error": True},
+    {"name": "save-dp2", "tp": 1, "save": "b", "start": 2, "format": "dp_reshardable"},
 ]
+# one process: the TP1 x DP2 state above resumed at DP1
+DP_RESHARDABLE_DP1_CASES = [{"name": "dp1", "tp": 1, "load": "b", "start": 2}]
 PLAIN_CASES = [
     {"name": "save", "tp": 2, "save": "a", "start": 2, "distopt": False},
     {"name": "tp1dp2", "tp": 1, "load": "a", "start": 2, "distopt": False},
@@ -71,12 +75,19 @@ class StateRuns:
                 "plain": PLAIN_CASES,
                 "bf16": BF16_CASES,
                 "dp_reshardable": DP_RESHARDABLE_CASES,
+                "dp_reshardable_dp1": DP_RESHARDABLE_DP1_CASES,
             }[group]
             out = os.path.join(self.root, group)
+            ckpt = os.path.join(out, "ckpt")
+            nproc = 2
+            if group == "dp_reshardable_dp1":  # the checkpoints of the 2-process group
+                ckpt = os.path.join(self.root, "dp_reshardable", "ckpt")
+                self.results("dp_reshardable")
+                nproc = 1
             launch = start_workers(
                 WORKER,
-                2,
-                ["--ckpt", os.path.join(out, "ckpt"), "--cases", json.dumps(cases)],
+                nproc,
+                ["--ckpt", ckpt, "--cases", json.dumps(cases)],
                 out_dir=out,
                 timeout=900,
             )
@@ -146,6 +157,16 @@ def test_resume_dp_reshardable(state_runs: StateRuns):
     msg = results["tp1dp2"]["error"]
     assert "checkpoint.optimizer_format=dp_reshardable" in msg, msg
     assert "TP2 PP1 EP1" in msg and "this run is TP1 PP1 EP1" in msg, msg
+
+
+@pytest.mark.multirank
+def test_resume_dp_reshardable_at_another_dp_size(state_runs: StateRuns):
+    """A dp_reshardable state saved at TP1 x DP2 resumes in one process (DP1)."""
+    saved = state_runs.results("dp_reshardable")["save-dp2"]
+    assert saved["layout"] == (1, 1, 1, 1, 2)
+    results = {"save-dp2": saved, **state_runs.results("dp_reshardable_dp1")}
+    assert results["dp1"]["layout"] == (1, 1, 1, 1, 1)
+    _check(results, "save-dp2", "dp1", exact=False)
 
 
 @pytest.mark.multirank

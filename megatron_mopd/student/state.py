@@ -247,10 +247,10 @@ def save_training_state(
     `optimizer_format` (`checkpoint.optimizer_format`) is how the distributed optimizer's
     state is written: `fully_reshardable` resumes at any TP/PP/EP/DP layout, but each rank
     then reads the whole optimizer state of its model shard into new tensors (a transient
-    of the full fp32 state: ~6x the bf16 weights of the shard, tools/bench_resume.py);
+    of the full fp32 state: ~7x the bf16 weights of the shard, tools/bench_resume.py);
     `dp_reshardable` is megatron's bucket layout: each rank reads only its own part, in
-    place, and the state resumes only at the saved TP/PP/EP (megatron-core also allows
-    another DP size; not tested here).
+    place, and the state resumes only at the saved TP/PP/EP (at any DP size: tested from
+    DP2 to DP1).
 
     `out_dir` must be empty or absent; the run-level checkpoint manager publishes the
     enclosing folder atomically (`checkpoint.CheckpointManager.save`). `optimizer` and
