@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.http_pool import loads_json
+from megatron_mopd.http_pool import Answer, decode_answer, loads_json
 
 _MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 
@@ -38,6 +38,49 @@ class Generation:
     logprobs: list[float]
     finish_reason: dict
     weight_version: str | None
+
+
+def check_scoring_answer(
+    resp: Answer,
+    url: str,
+    label: str,
+    seqs: list[list[int]],
+    starts: list[int],
+    sent_start: int,
+    top_k: int,
+    first_index: int,
+) -> list[ScoredSequence]:
+    """The checked log-probs of one scoring answer: `seqs` sent with `logprob_start_len =
+    sent_start`, each kept from its own `starts[j]` on; errors number the sequences from
+    `first_index`. SGLang's compact layout takes `fast_scored`; any other layout, or any
+    doubt, the full decoding and `check_scored`, which names what is wrong."""
+    n = len(seqs)
+    fast = fast_scored(resp.data, seqs, sent_start, starts)
+    if fast is not None:
+        items, logprobs = fast
+        if top_k <= 0:
+            return [ScoredSequence(lp) for lp in logprobs]
+        return [
+            with_top_k(
+                ScoredSequence(logprobs[j]),
+                items[j]["meta_info"],
+                f"{url}: {label}, sequence {first_index + j}",
+                len(seqs[j]) - sent_start,
+                sent_start,
+                starts[j] - sent_start,
+                top_k,
+            )
+            for j in range(n)
+        ]
+    answer = decode_answer(resp)
+    if not isinstance(answer, list) or len(answer) != n:
+        check_item(answer, url, label, 0, n)  # raises, naming what came instead
+    return [
+        check_scored(
+            answer[j], url, label, j, first_index + j, seqs[j], sent_start, starts[j], top_k
+        )
+        for j in range(n)
+    ]
 
 
 def check_item(answer: Any, url: str, label: str, j: int, n: int) -> dict:
@@ -156,10 +199,7 @@ def check_generation(answer: Any, url: str, label: str, j: int, index: int, n: i
         if not isinstance(e, list | tuple) or len(e) < 2 or e[1] != tok:
             raise TeacherError(f"{where}: output token {t}: entry {e!r} does not match id {tok}")
         if not _is_logprob(e[0]):
-            raise TeacherError(
-                f"{where}: output token {t} (id {tok}) has log-prob {e[0]!r}; expected a finite "
-                "number <= 0"
-            )
+            raise _not_a_logprob(where, f"output token {t} (id {tok})", e[0])
         logprobs.append(float(e[0]))
     return Generation(list(out_ids), logprobs, finish, meta.get("weight_version"))
 
@@ -178,10 +218,7 @@ def _checked_logprobs(
             # SGLang reports ids >= vocab_size - 1 as 0 (logprob_result_processor.py)
             raise TeacherError(f"{where}: token {pos}: answer is for id {e[1]!r}, sent {ids[pos]}")
         if not _is_logprob(e[0]):
-            raise TeacherError(
-                f"{where}: token {pos} (id {ids[pos]}) has log-prob {e[0]!r}; expected a finite "
-                "number <= 0"
-            )
+            raise _not_a_logprob(where, f"token {pos} (id {ids[pos]})", e[0])
         logprobs.append(float(e[0]))
     return logprobs
 
@@ -286,6 +323,10 @@ def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list
     except (TypeError, IndexError, KeyError):
         return None
     return vals
+
+
+def _not_a_logprob(where: str, token: str, value: Any) -> TeacherError:
+    return TeacherError(f"{where}: {token} has log-prob {value!r}; expected a finite number <= 0")
 
 
 def _is_logprob(x: Any) -> bool:

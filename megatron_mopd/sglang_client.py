@@ -55,10 +55,7 @@ from megatron_mopd.sglang_answers import (
     Generation,
     ScoredSequence,
     check_generation,
-    check_item,
-    check_scored,
-    fast_scored,
-    with_top_k,
+    check_scoring_answer,
 )
 
 _gc_lock = threading.Lock()
@@ -156,16 +153,14 @@ class SGLangClient:
         label: str = "request",
         url: str | None = None,
         cancel: threading.Event | None = None,
-        parse: Callable[[Any, str], Any] | None = None,
-        raw: bool = False,
+        parse: Callable[[Answer, str], Any] | None = None,
     ) -> tuple[Any, str]:
         """Send one request with retries; return (decoded JSON or text, URL that answered).
 
         `url` pins the server (no round robin); otherwise each attempt takes the next URL.
-        `parse(answer, url)`, if given, turns the decoded answer (with `raw`, the undecoded
-        `Answer`) into what is returned; it runs with the GC paused, and the answer is
-        freed before the GC resumes, so its ~10^4 small lists are never traversed by a
-        collection (`gc_paused`).
+        `parse(answer, url)`, if given, turns the successful `Answer` (undecoded) into what
+        is returned; it runs with the GC paused, and what it decodes is freed before the GC
+        resumes, so its ~10^4 small lists are never traversed by a collection (`gc_paused`).
         """
         content = dumps_json(body) if body is not None else None
         attempts = self.max_retries + 1
@@ -187,7 +182,7 @@ class SGLangClient:
                     with gc_paused():
                         if parse is None:
                             return decode_answer(resp), target
-                        return parse(resp if raw else decode_answer(resp), target), target
+                        return parse(resp, target), target
                 message = error_text(resp)
                 if resp.status < 500:
                     raise TeacherError(
@@ -326,46 +321,12 @@ class SGLangClient:
             label = f"scoring request for sequences {a}..{b}"
 
             def parse(resp: Answer, url: str) -> list[ScoredSequence]:
-                n = hi - lo
-                fast = fast_scored(resp.data, seqs[lo:hi], common, starts_l[lo:hi])
-                if fast is not None:
-                    items, logprobs = fast
-                    if top_k <= 0:
-                        return [ScoredSequence(lp) for lp in logprobs]
-                    return [
-                        with_top_k(
-                            ScoredSequence(logprobs[j]),
-                            items[j]["meta_info"],
-                            f"{url}: {label}, sequence {a + j}",
-                            len(seqs[lo + j]) - common,
-                            common,
-                            starts_l[lo + j] - common,
-                            top_k,
-                        )
-                        for j in range(n)
-                    ]
-                # not the usual compact answer, or something is wrong with it: the full
-                # decoding and the entry-by-entry checks, which name what is wrong
-                answer = decode_answer(resp)
-                if not isinstance(answer, list) or len(answer) != n:
-                    check_item(answer, url, label, 0, n)  # raises, naming what came instead
-                return [
-                    check_scored(
-                        answer[j],
-                        url,
-                        label,
-                        j,
-                        a + j,
-                        seqs[lo + j],
-                        common,
-                        starts_l[lo + j],
-                        top_k,
-                    )
-                    for j in range(n)
-                ]
+                return check_scoring_answer(
+                    resp, url, label, seqs[lo:hi], starts_l[lo:hi], common, top_k, a
+                )
 
             checked, _ = self.request(
-                "POST", "/generate", body, label=label, cancel=cancel, parse=parse, raw=True
+                "POST", "/generate", body, label=label, cancel=cancel, parse=parse
             )
             return checked
 
@@ -403,7 +364,8 @@ class SGLangClient:
             }
             label = f"generate request {r} (prompts {lo}..{hi - 1})"
 
-            def parse(answer: Any, url: str) -> list[Generation]:
+            def parse(resp: Answer, url: str) -> list[Generation]:
+                answer = decode_answer(resp)
                 if single:
                     answer = [answer]
                 return [

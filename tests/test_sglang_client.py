@@ -463,12 +463,12 @@ def test_fast_path_refuses_what_is_wrong():
 
 def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
     """Answers of `mopd serve` (orjson, like SGLang) are decoded by the fast path."""
-    from megatron_mopd import sglang_client
+    from megatron_mopd import sglang_answers
 
     taken = []
-    real = sglang_client.fast_scored
+    real = sglang_answers.fast_scored
     monkeypatch.setattr(
-        sglang_client, "fast_scored", lambda *a: taken.append(real(*a)) or taken[-1]
+        sglang_answers, "fast_scored", lambda *a: taken.append(real(*a)) or taken[-1]
     )
     with SGLangClient([server.url], max_in_flight=2) as c:
         out = c.score(seqs, batch_size=4, top_k=2)

@@ -47,19 +47,16 @@ STATE_VERSION = 1
 # fully_reshardable resumes at any layout; dp_reshardable only at the saved TP/PP/EP, but
 # loads without a full-size copy of the state
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
-SHARDING_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,
-}
 
 
 def sharding_metadata(optimizer_format: str = "fully_reshardable") -> dict[str, Any]:
-    """`SHARDING_METADATA` for `optimizer_format`, plus, without CUDA, the memory-efficient
-    variant of `fully_reshardable` (gathers over DP with gloo to DP rank 0; the default
-    all-gathers with `.cuda()` tensors). Both variants write interchangeable checkpoints."""
+    """megatron-core's sharding metadata for `optimizer_format`, plus, without CUDA, the
+    memory-efficient variant of `fully_reshardable` (gathers over DP with gloo to DP rank 0;
+    the default all-gathers with `.cuda()` tensors). Both variants write interchangeable
+    checkpoints."""
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
-    meta = dict(SHARDING_METADATA, distrib_optim_sharding_type=optimizer_format)
+    meta = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
     if optimizer_format == "fully_reshardable" and not torch.cuda.is_available():
         meta["distrib_optim_fully_reshardable_mem_efficient"] = True
     return meta
@@ -198,6 +195,23 @@ def load_optimizer_state(optimizer: Any, state_dict: Any, info: dict[str, Any]) 
                 inner.state[p]["step"] = value.clone() if torch.is_tensor(value) else value
 
 
+def _check_resumable_layout(info: dict[str, Any], in_dir: str) -> None:
+    """A dp_reshardable optimizer state resumes only at the TP/PP/EP it was saved at."""
+    if not info.get("distributed_optimizer") or info.get("optimizer_format") != "dp_reshardable":
+        return
+    if info.get("model_layout") == _model_layout():
+        return
+    names = ("TP", "PP", "EP", "expert TP")
+    saved = " ".join(f"{n}{v}" for n, v in zip(names, info.get("model_layout") or []))
+    now = " ".join(f"{n}{v}" for n, v in zip(names, _model_layout()))
+    raise UserError(
+        f"training checkpoint {in_dir}: its optimizer state was saved with "
+        f"checkpoint.optimizer_format=dp_reshardable at {saved}, which resumes only at "
+        f"that layout; this run is {now}. Resume at the saved layout (then save with "
+        "checkpoint.optimizer_format=fully_reshardable to change it)"
+    )
+
+
 def training_sharded_state_dict(
     model_chunks: list[Any],
     optimizer: Any,
@@ -319,22 +333,8 @@ def load_training_state(
         raise UserError(f"training checkpoint {in_dir}: saved without LR scheduler state")
 
     saved_format = info.get("optimizer_format", "fully_reshardable")
-    if (
-        optimizer is not None
-        and info.get("distributed_optimizer")
-        and saved_format == "dp_reshardable"
-        and _uses_distributed_optimizer(optimizer)
-        and info.get("model_layout") != _model_layout()
-    ):
-        names = ("TP", "PP", "EP", "expert TP")
-        saved = " ".join(f"{n}{v}" for n, v in zip(names, info.get("model_layout") or []))
-        now = " ".join(f"{n}{v}" for n, v in zip(names, _model_layout()))
-        raise UserError(
-            f"training checkpoint {in_dir}: its optimizer state was saved with "
-            f"checkpoint.optimizer_format=dp_reshardable at {saved}, which resumes only at "
-            f"that layout; this run is {now}. Resume at the saved layout (then save with "
-            "checkpoint.optimizer_format=fully_reshardable to change it)"
-        )
+    if optimizer is not None and _uses_distributed_optimizer(optimizer):
+        _check_resumable_layout(info, in_dir)
     state = training_sharded_state_dict(
         model_chunks, optimizer, scheduler, is_loading=True, optimizer_format=saved_format
     )
