@@ -93,11 +93,111 @@ def run_mode(client, seqs, batch_size, pids) -> tuple[float, float, float, list]
     return wall, cpu, sum(cpu_seconds(p) for p in pids) - srv0, out
 
 
+def start_servers(args: argparse.Namespace, hf: str, work: str, procs: list) -> tuple:
+    """Two `mopd serve` processes and sglang-router in front of them (appended to
+    `procs`); returns (server URLs, router URL or None when it did not start, server pids)."""
+    from megatron_mopd.sglang_client import SGLangClient
+
+    py, urls = sys.executable, []
+    for i in range(2):
+        port = free_port()
+        procs.append(
+            spawn(
+                [py, "-m", "megatron_mopd", "serve", "--hf", hf, "--port", str(port)]
+                + ["--num-threads", "1", "--max-batch-tokens", str(args.max_batch_tokens)],
+                os.path.join(work, f"server{i}.log"),
+                args.lifetime,
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    rport = free_port()
+    procs.append(
+        spawn(
+            [py, "-m", "sglang_router.launch_router", "--worker-urls", *urls]
+            + ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(rport)]
+            + ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+            + ["--log-level", "warn"],
+            os.path.join(work, "router.log"),
+            args.lifetime,
+        )
+    )
+    with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
+        c.wait_healthy(180)
+    pids = [server_pid(p) for p in procs[:2]]
+    try:
+        with SGLangClient([f"http://127.0.0.1:{rport}"], timeout=60) as c:
+            c.wait_healthy(30)
+        return urls, f"http://127.0.0.1:{rport}", pids
+    except Exception as e:  # noqa: BLE001 - the router part is optional
+        with open(os.path.join(work, "router.log"), errors="replace") as f:
+            tail = f.read()[-500:]
+        print(f"router unavailable, skipped: {e}\n{tail}")
+        return urls, None, pids
+
+
+def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
+    """Score in every mode; rows of (mode, sequences, wall s, client CPU s, servers' CPU s).
+    Exits if the modes' results differ."""
+    from megatron_mopd.sglang_client import SGLangClient
+
+    rows = []
+    sub = seqs[: args.sequential_n]
+    with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
+        c.score(sub[:4], batch_size=1)  # warm-up
+        wall, cpu, srv, seq_out = run_mode(c, sub, 1, pids)
+    rows.append(("sequential (1 seq/request, 1 in flight)", len(sub), wall, cpu, srv))
+
+    modes = [("batched, direct to 2 servers", urls)]
+    if router_url:
+        modes.append(("batched, through sglang-router", [router_url]))
+    for name, targets in modes:
+        with SGLangClient(targets, timeout=600, max_in_flight=args.max_in_flight) as c:
+            c.score(seqs[:8], batch_size=args.batch_size)  # warm-up
+            wall, cpu, srv, out = run_mode(c, seqs, args.batch_size, pids)
+        rows.append((f"{name} ({args.batch_size}/req, {args.max_in_flight} in flight)",
+                     len(seqs), wall, cpu, srv))  # fmt: skip
+        for a, b in zip(seq_out, out):
+            if max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) > 1e-4:
+                raise SystemExit("results differ between modes")
+    return rows
+
+
+def report(rows: list[tuple]) -> None:
+    """Print the table, the sequential latency and the goals."""
+    seq_rate = rows[0][1] / rows[0][2]
+    print(f"{'mode':58s} {'seq/s':>8s} {'speed-up':>9s} {'client ms/seq':>14s} "
+          f"{'server ms/seq':>14s} {'client/server':>14s}")  # fmt: skip
+    for name, n, wall, cpu, srv in rows:
+        rate = n / wall
+        print(
+            f"{name:58s} {rate:8.1f} {rate / seq_rate:8.1f}x {1000 * cpu / n:14.3f} "
+            f"{1000 * srv / n:14.3f} {100 * cpu / max(srv, 1e-9):13.2f}%"
+        )
+    print(
+        "speed-up: seq/s over the sequential row's; client ms/seq: CPU time of this "
+        "process (request building, HTTP, JSON decoding, checks) per sequence; server "
+        "ms/seq: CPU time of both servers per sequence (/proc); all results agree "
+        "within 1e-4."
+    )
+    _, n, wall, cpu, srv = rows[0]
+    print(
+        f"sequential: {1000 * wall / n:.1f} ms wall per request, of which "
+        f"{1000 * (srv + cpu) / n:.1f} ms CPU (servers + client); the rest is waiting "
+        "(latency: network stack, the server's batching window)."
+    )
+    for name, n, wall, cpu, srv in rows[1:]:
+        up, share = n / wall / seq_rate, 100 * cpu / max(srv, 1e-9)
+        print(
+            f"goals, {name.split(' (')[0]}: speed-up {up:.1f}x "
+            f"({'met' if up >= 4 else 'NOT met'}: >= 4x), client overhead {share:.2f}% "
+            f"of server CPU ({'met' if share < 2 else 'NOT met'}: < 2%)"
+        )
+
+
 def bench(args: argparse.Namespace) -> None:
     """Start the servers and the router, run every mode, print the figures."""
     import torch
 
-    from megatron_mopd.sglang_client import SGLangClient
     from megatron_mopd.tiny import make_tiny_hf_model
 
     work = tempfile.mkdtemp(prefix="mopd_bench_")
@@ -111,103 +211,15 @@ def bench(args: argparse.Namespace) -> None:
     )
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(4, 128, (args.n, args.length), generator=g).tolist()
-
-    procs, urls = [], []
-    py = sys.executable
+    procs: list[subprocess.Popen] = []
     try:
-        for i in range(2):
-            port = free_port()
-            procs.append(
-                spawn(
-                    [py, "-m", "megatron_mopd", "serve", "--hf", hf, "--port", str(port)]
-                    + ["--num-threads", "1", "--max-batch-tokens", str(args.max_batch_tokens)],
-                    os.path.join(work, f"server{i}.log"),
-                    args.lifetime,
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        router_url = None
-        rport = free_port()
-        procs.append(
-            spawn(
-                [py, "-m", "sglang_router.launch_router", "--worker-urls", *urls]
-                + ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(rport)]
-                + ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
-                + ["--log-level", "warn"],
-                os.path.join(work, "router.log"),
-                args.lifetime,
-            )
-        )
-        with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
-            c.wait_healthy(180)
-        pids = [server_pid(p) for p in procs[:2]]
-        try:
-            with SGLangClient([f"http://127.0.0.1:{rport}"], timeout=60) as c:
-                c.wait_healthy(30)
-            router_url = f"http://127.0.0.1:{rport}"
-        except Exception as e:  # noqa: BLE001 - the router part is optional
-            with open(os.path.join(work, "router.log"), errors="replace") as f:
-                tail = f.read()[-500:]
-            print(f"router unavailable, skipped: {e}\n{tail}")
-
-        n_params = _count_params(hf)
+        urls, router_url, pids = start_servers(args, hf, work, procs)
         print(
             f"scoring {args.n} sequences x {args.length} tokens, model {hf} "
-            f"({n_params / 1e6:.2f} M parameters), 2 servers x 1 thread, {os.cpu_count()} cores, "
-            f"load average {os.getloadavg()[0]:.1f}"
+            f"({_count_params(hf) / 1e6:.2f} M parameters), 2 servers x 1 thread, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
         )
-        rows = []
-        sub = seqs[: args.sequential_n]
-        with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
-            c.score(sub[:4], batch_size=1)  # warm-up
-            wall, cpu, srv, seq_out = run_mode(c, sub, 1, pids)
-        rows.append(("sequential (1 seq/request, 1 in flight)", len(sub), wall, cpu, srv))
-        seq_rate = len(sub) / wall
-
-        modes = [("batched, direct to 2 servers", urls)]
-        if router_url:
-            modes.append(("batched, through sglang-router", [router_url]))
-        results = {}
-        for name, targets in modes:
-            with SGLangClient(targets, timeout=600, max_in_flight=args.max_in_flight) as c:
-                c.score(seqs[:8], batch_size=args.batch_size)  # warm-up
-                wall, cpu, srv, out = run_mode(c, seqs, args.batch_size, pids)
-            rows.append((f"{name} ({args.batch_size}/req, {args.max_in_flight} in flight)",
-                         len(seqs), wall, cpu, srv))  # fmt: skip
-            results[name] = out
-
-        for out in results.values():
-            for a, b in zip(seq_out, out):
-                if max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) > 1e-4:
-                    raise SystemExit("results differ between modes")
-
-        print(f"{'mode':58s} {'seq/s':>8s} {'speed-up':>9s} {'client ms/seq':>14s} "
-              f"{'server ms/seq':>14s} {'client/server':>14s}")  # fmt: skip
-        for name, n, wall, cpu, srv in rows:
-            rate = n / wall
-            print(
-                f"{name:58s} {rate:8.1f} {rate / seq_rate:8.1f}x {1000 * cpu / n:14.3f} "
-                f"{1000 * srv / n:14.3f} {100 * cpu / max(srv, 1e-9):13.2f}%"
-            )
-        print(
-            "speed-up: seq/s over the sequential row's; client ms/seq: CPU time of this "
-            "process (request building, HTTP, JSON decoding, checks) per sequence; server "
-            "ms/seq: CPU time of both servers per sequence (/proc); all results agree "
-            "within 1e-4."
-        )
-        _, n, wall, cpu, srv = rows[0]
-        print(
-            f"sequential: {1000 * wall / n:.1f} ms wall per request, of which "
-            f"{1000 * (srv + cpu) / n:.1f} ms CPU (servers + client); the rest is waiting "
-            "(latency: network stack, the server's batching window)."
-        )
-        for name, n, wall, cpu, srv in rows[1:]:
-            up, share = n / wall / seq_rate, 100 * cpu / max(srv, 1e-9)
-            print(
-                f"goals, {name.split(' (')[0]}: speed-up {up:.1f}x "
-                f"({'met' if up >= 4 else 'NOT met'}: >= 4x), client overhead {share:.2f}% "
-                f"of server CPU ({'met' if share < 2 else 'NOT met'}: < 2%)"
-            )
+        report(measure_modes(args, seqs, urls, router_url, pids))
     finally:
         for p in procs:
             p.terminate()
