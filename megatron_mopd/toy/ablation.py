@@ -168,10 +168,7 @@ def run_ablation(
     shows the systematic mistake (`toy.tasks.mistake`); a higher rate gives a weaker
     student and rarer outcome rewards. A toy with another rate needs its own `toy_dir`.
     """
-    import dataclasses
-
     from megatron_mopd.config import load_config
-    from megatron_mopd.toy.build import ToyConfig, build_toy
     from megatron_mopd.toy.demo import (
         RECIPE,
         eval_curves,
@@ -180,21 +177,12 @@ def run_ablation(
         train_recipe,
     )
 
-    names = list(arms or ARM_NAMES)
-    unknown = [n for n in names if n not in ARM_NAMES]
-    if unknown:
-        raise UserError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARM_NAMES)}")
+    chosen = _chosen_arms(arms)
     if not os.path.exists(RECIPE):
         raise UserError(f"{RECIPE} not found: run the ablation from the repository root")
-    chosen = [a for a in ARMS if a.name in names]
     t0 = time.time()
     print("== building or reusing the toy (teachers, weak student, data)", flush=True)
-    toy_cfg = ToyConfig()
-    if mistake_rate is not None:
-        if not 0 <= mistake_rate <= 1:
-            raise UserError(f"--mistake-rate {mistake_rate}: must be in [0, 1]")
-        toy_cfg.student = dataclasses.replace(toy_cfg.student, mistake_rate=mistake_rate)
-    toy = build_toy(toy_dir, toy_cfg)
+    toy, toy_cfg = _build_toy(toy_dir, mistake_rate)
     common = [*toy_overrides(toy), *(["train.max_steps=" + str(steps)] if steps else [])]
     common += ["train.eval_interval=10", *(overrides or [])]
     cfg = load_config(RECIPE, common)
@@ -234,6 +222,29 @@ def run_ablation(
     print_table(summary)
     print(f"wrote {run_dir}/summary.json, {run_dir}/figure.png")
     return summary
+
+
+def _chosen_arms(arms: list[str] | None) -> list[Arm]:
+    """The arms named in `arms` (default: all), in `ARMS` order."""
+    names = list(arms or ARM_NAMES)
+    unknown = [n for n in names if n not in ARM_NAMES]
+    if unknown:
+        raise UserError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARM_NAMES)}")
+    return [a for a in ARMS if a.name in names]
+
+
+def _build_toy(toy_dir: str, mistake_rate: float | None):
+    """Build (or reuse) the toy in `toy_dir`, its student trained with `mistake_rate`."""
+    import dataclasses
+
+    from megatron_mopd.toy.build import ToyConfig, build_toy
+
+    toy_cfg = ToyConfig()
+    if mistake_rate is not None:
+        if not 0 <= mistake_rate <= 1:
+            raise UserError(f"--mistake-rate {mistake_rate}: must be in [0, 1]")
+        toy_cfg.student = dataclasses.replace(toy_cfg.student, mistake_rate=mistake_rate)
+    return build_toy(toy_dir, toy_cfg), toy_cfg
 
 
 def _write(run_dir: str, summary: dict) -> None:
