@@ -589,7 +589,7 @@ def test_factory_merge_reuses_the_parameter():
     through the factory's own merge."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    from megatron_mopd.convert.mcore import merge_in_place
+    from megatron_mopd.convert.dist_ckpt import merge_in_place
 
     param = torch.arange(12.0).reshape(4, 3)
     calls = []

@@ -10,7 +10,7 @@ then resumes it (`load_training_state`) in fresh processes, interleaved `--round
 
 - `fully_reshardable` (the default `checkpoint.optimizer_format`), as the trainer does: the
   experts' fused fc1 (saved as two halves through a `ShardedTensorFactory`) merges into the
-  parameter it was loaded into (`convert.mcore.merge_in_place`);
+  parameter it was loaded into (`convert.dist_ckpt.merge_in_place`);
 - `fully_reshardable, concat`: the same with megatron-core's own merge, which concatenates
   the halves into new tensors (the trainer's behaviour before; `merge_in_place` patched
   out in that process);
@@ -119,9 +119,9 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps({"weights": _weights_bytes(chunks)}))
         return
     if args.phase.endswith("concat"):
-        import megatron_mopd.convert.mcore as mcore
+        import megatron_mopd.convert.dist_ckpt as dist_ckpt
 
-        mcore.merge_in_place = lambda sharded: None
+        dist_ckpt.merge_in_place = lambda sharded: None
     state.ensure_optimizer_state(optimizer)
     import gc
 

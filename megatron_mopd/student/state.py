@@ -220,7 +220,7 @@ def training_sharded_state_dict(
     optimizer_format: str = "fully_reshardable",
 ) -> dict[str, Any]:
     """The sharded state dict saved by `save_training_state` (model, optimizer, scheduler)."""
-    from megatron_mopd.convert.mcore import model_sharded_state_dict
+    from megatron_mopd.convert.dist_ckpt import model_sharded_state_dict
 
     state: dict[str, Any] = model_sharded_state_dict(model_chunks)
     model_part = dict(state)
@@ -276,7 +276,8 @@ def save_training_state(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_mopd.convert.mcore import dist_checkpointing_io, write_mcore_description
+    from megatron_mopd.convert.dist_ckpt import dist_checkpointing_io
+    from megatron_mopd.convert.mcore import write_mcore_description
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -312,7 +313,7 @@ def load_training_state(
         )
     from megatron.core import dist_checkpointing
 
-    from megatron_mopd.convert.mcore import (
+    from megatron_mopd.convert.dist_ckpt import (
         dist_checkpointing_io,
         load_error_text,
         load_errors,

@@ -1,0 +1,165 @@
+"""megatron-core `dist_checkpointing` plumbing shared by Megatron checkpoints
+(`convert.mcore`) and training states (`student.state`): the model's sharded state dict and
+its strict load, the in-place merge of tensor factories, the CPU context of every save and
+load, and the errors a load that does not fit raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------
+# megatron-core's dist_checkpointing on CPU
+#
+# TEMPORARY, to move into patches/megatron_core.py (H1's `cpu_torch_namespace` patch): the
+# torch_dist save path calls `torch.cuda.synchronize()` (filesystem_async.FileSystemWriterAsync.
+# preload_tensors) and builds flags with `device="cuda"` / `torch.cuda.current_device()`
+# (state_dict_saver.save_state_dict_async_finalize, verify_global_md_reuse). Adding these two
+# modules to that patch's module list makes this shim a no-op (it checks).
+
+_DIST_CKPT_MODULES = (
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` with a `cuda` namespace that places flags on the CPU and never synchronises."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
+        real_tensor = torch.tensor
+
+        def tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+            device = kwargs.get("device")
+            if device is not None and str(torch.device(device)).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return real_tensor(*args, **kwargs)
+
+        self.tensor = tensor
+        self.cuda = types.SimpleNamespace(
+            synchronize=lambda device=None: None,
+            current_device=lambda: "cpu",
+            is_available=lambda: False,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def dist_checkpointing_io() -> Iterator[None]:
+    """The context of every (synchronous) dist_checkpointing save and load here.
+
+    - Without CUDA, dist_checkpointing's torch_dist save runs on CPU (see above; a no-op
+      when the project's megatron-core patches already cover it).
+    - The writer collects its results through a queue that megatron-core creates, on first
+      use, as `multiprocessing.get_context("spawn").Manager().Queue()`: a server process
+      that re-imports the `__main__` module (~5-20 s on a 2-core machine, once per process).
+      A synchronous save fills and reads that queue in this process only, so a plain
+      `queue.Queue` is given for the duration instead.
+    """
+    import importlib
+    import queue
+
+    swapped = []
+    if not torch.cuda.is_available():
+        for name in _DIST_CKPT_MODULES:
+            module = importlib.import_module(name)
+            if vars(module).get("torch") is torch:  # not patched by patches/megatron_core.py
+                swapped.append(module)
+                module.torch = _CpuTorch()
+    writer = importlib.import_module(_DIST_CKPT_MODULES[0])
+    own_queue = getattr(writer, "_results_queue", "absent") is None
+    if own_queue:
+        writer._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        if own_queue:
+            writer._results_queue = None
+        for module in swapped:
+            module.torch = torch
+
+
+# --------------------------------------------------------------------------------------
+# the model's sharded state dict
+
+
+def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
+    """The sharded state dict of the model chunks (`model`, or `model0`, `model1`, ... with
+    several chunks), keyed in the checkpoint by megatron-core's global tensor names."""
+    from megatron_mopd.convert.mapping import unwrap
+
+    if len(model_chunks) == 1:
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def merge_in_place(sharded: dict[str, Any]) -> None:
+    """Make the sharded state dict's tensor factories (e.g. the experts' fused fc1, saved as
+    two halves) merge without a copy.
+
+    A factory's pieces are views into its parameter and dist_checkpointing loads into them
+    in place, so the parameter already holds the merged tensor; megatron-core's merge would
+    concatenate them into a new tensor (the whole model's fc1 weights held twice while
+    loading). Each factory's `merge_fn` is wrapped to return the parameter itself when every
+    loaded piece is a view of it, and to fall back to the original merge otherwise.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    for factory in nested_values(sharded):
+        if isinstance(factory, ShardedTensorFactory):
+            factory.merge_fn = _merge_views(factory.merge_fn, factory.data)
+
+
+def _merge_views(merge_fn: Any, data: torch.Tensor) -> Any:
+    def merge(sub_state_dict: Any) -> Any:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        parts = list(nested_values(sub_state_dict))
+        base = data.untyped_storage().data_ptr()
+        if parts and all(
+            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == base for t in parts
+        ):
+            return data
+        return merge_fn(sub_state_dict)
+
+    return merge
+
+
+def load_model_state(model_chunks: list[Any], loaded: dict[str, Any]) -> None:
+    """Copy a loaded `model_sharded_state_dict` into the chunks (strict: every key)."""
+    from megatron_mopd.convert.mapping import unwrap
+
+    if len(model_chunks) == 1:
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+        return
+    for i, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a dist_checkpointing load raises for a folder that does not fit."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # torch's CheckpointException derives from BaseException (it wraps each rank's error)
+    return (CheckpointingException, CheckpointException, KeyError, RuntimeError, ValueError)
+
+
+def load_error_text(e: BaseException) -> str:
+    """One line describing a failed dist_checkpointing load (the first rank's own error for
+    torch's wrapped `CheckpointException`)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    return " ".join(str(e).split())[:500]
