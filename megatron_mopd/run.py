@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from megatron_mopd.batch import TrainBatch, broadcast_batch, build_train_batch
-from megatron_mopd.config import Config, to_dict
+from megatron_mopd.config import Config
+from megatron_mopd.config_tree import to_dict
 from megatron_mopd.data import PromptRecord, PromptSampler, load_prompts, tokenize_prompts
 from megatron_mopd.errors import UserError
 from megatron_mopd.types import Rollout, SamplingParams, ScoreRequest, ScoreResult
