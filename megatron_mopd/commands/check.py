@@ -275,6 +275,57 @@ def _check_teacher_server(
         raise type(e)(f"{e} (the teacher of domain(s) {domains})") from None
 
 
+def _check_servers(
+    report: PreflightReport,
+    cfg: Any,
+    student_tok: Any,
+    offline: bool,
+    wait: Callable[[float], float],
+) -> None:
+    """The teachers' and the rollout engine's checks (`wait(startup_timeout)`: how long a
+    server still starting may be polled)."""
+    for name, tcfg in cfg.teachers.items():
+        if tcfg.backend == "embedded":
+            report.run(
+                f"teacher {name!r}",
+                lambda n=name, t=tcfg: _check_embedded_teacher(n, t, student_tok),
+            )
+            continue
+        for url in tcfg.urls:
+            if offline:
+                report.add(f"teacher {name!r}", "SKIP", f"{url} not contacted (--offline)")
+                continue
+            report.run(
+                f"teacher {name!r}",
+                lambda n=name, u=url, t=tcfg: _check_teacher_server(
+                    u, n, t, student_tok, wait(t.startup_timeout_seconds)
+                ),
+            )
+
+    if cfg.rollout.backend == "sglang":
+        for url in cfg.rollout.urls:
+            if offline:
+                report.add("rollout server", "SKIP", f"{url} not contacted (--offline)")
+                continue
+            report.run(
+                "rollout server",
+                lambda u=url: _check_server(
+                    u,
+                    "student",
+                    "rollout server",
+                    student_tok,
+                    cfg.rollout.timeout_seconds,
+                    wait(cfg.rollout.startup_timeout_seconds),
+                ),
+            )
+    elif cfg.model.hf_path:
+        report.add("rollout", "OK", f"embedded engine will load {cfg.model.hf_path}")
+    else:
+        report.add(
+            "rollout", "OK", "embedded engine will load the student exported to HF at start-up"
+        )
+
+
 def run_preflight(
     cfg: Any,
     offline: bool = False,
@@ -321,46 +372,7 @@ def run_preflight(
             lambda k=key, p=path: check_dataset(p, k, cfg, vocab_size, has_text_tokenizer)[0],
         )
 
-    for name, tcfg in cfg.teachers.items():
-        if tcfg.backend == "embedded":
-            report.run(
-                f"teacher {name!r}",
-                lambda n=name, t=tcfg: _check_embedded_teacher(n, t, student_tok),
-            )
-            continue
-        for url in tcfg.urls:
-            if offline:
-                report.add(f"teacher {name!r}", "SKIP", f"{url} not contacted (--offline)")
-                continue
-            report.run(
-                f"teacher {name!r}",
-                lambda n=name, u=url, t=tcfg: _check_teacher_server(
-                    u, n, t, student_tok, wait(t.startup_timeout_seconds)
-                ),
-            )
-
-    if cfg.rollout.backend == "sglang":
-        for url in cfg.rollout.urls:
-            if offline:
-                report.add("rollout server", "SKIP", f"{url} not contacted (--offline)")
-                continue
-            report.run(
-                "rollout server",
-                lambda u=url: _check_server(
-                    u,
-                    "student",
-                    "rollout server",
-                    student_tok,
-                    cfg.rollout.timeout_seconds,
-                    wait(cfg.rollout.startup_timeout_seconds),
-                ),
-            )
-    elif cfg.model.hf_path:
-        report.add("rollout", "OK", f"embedded engine will load {cfg.model.hf_path}")
-    else:
-        report.add(
-            "rollout", "OK", "embedded engine will load the student exported to HF at start-up"
-        )
+    _check_servers(report, cfg, student_tok, offline, wait)
     if strict:
         report.raise_if_failed()
     return report
