@@ -1,5 +1,4 @@
-"""HTTP for the SGLang client: a keep-alive connection pool on the standard library, and
-the JSON encoding and decoding of requests and answers (orjson when installed).
+"""HTTP for the SGLang client: a pool of keep-alive connections (`http_wire`), and the JSON encoding and decoding of requests and answers (orjson when installed).
 
 Split from `sglang_client.py`, which holds the SGLang protocol (requests, retries,
 checks); nothing here knows SGLang.
@@ -7,12 +6,13 @@ checks); nothing here knows SGLang.
 
 from __future__ import annotations
 
-import http.client
 import json
 import select
 import threading
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
+
+from megatron_mopd.http_wire import Connection
 
 try:  # orjson is much faster on the large log-prob lists; stdlib json is the fallback
     import orjson
@@ -78,14 +78,15 @@ class Answer(NamedTuple):
 
 
 class ConnectionPool:
-    """Keep-alive HTTP/1.1 connections (stdlib `http.client`), per server, shared by threads.
+    """Keep-alive HTTP/1.1 connections (`http_wire.Connection`), per server, shared by threads.
 
     Each request takes an idle connection to its server, or opens one, and gives it back
     once the answer is read in full; a connection that failed, timed out or is to be
     closed is dropped. An idle connection the server closed meanwhile (uvicorn closes
     them after 5 s) shows as readable and is dropped before use, as httpcore does.
-    http.client costs ~0.2 ms of CPU per 250 kB answer where httpx costs ~1.2 ms, which
-    is most of the client's overhead per scoring request (tools/bench_scoring.py).
+    Per 250 kB scoring answer, the connection costs ~0.25 ms of CPU, stdlib http.client
+    ~0.6 ms and httpx ~1.2 ms: HTTP was the largest part of the client's overhead per
+    scoring request (tools/bench_scoring.py).
 
     `send` raises `TimeoutError` (connecting, or no byte for `timeout` seconds while
     sending or reading), `OSError` or `http.client.HTTPException` (refused, dropped, ...).
@@ -95,7 +96,7 @@ class ConnectionPool:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[str, list[Connection]] = {}
         self._prefix: dict[str, str] = {}  # base URL -> its path ("" for most servers)
         self._lock = threading.Lock()
         self._closed = False
@@ -113,16 +114,14 @@ class ConnectionPool:
         conn = self._take(base)
         if conn is None:
             conn = self._connect(base, min(self.connect_timeout, timeout))
-        headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
-            conn.sock.settimeout(timeout)
-            conn.request(method, self._prefix[base] + path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            resp = conn.exchange(
+                method, self._prefix[base] + path, body, timeout, "application/json"
+            )
         except BaseException:
             conn.close()
             raise
-        answer = Answer(resp.status, resp.reason, resp.getheader("Content-Type") or "", data)
+        answer = Answer(resp.status, resp.reason, resp.headers.get("content-type", ""), resp.data)
         if resp.will_close:
             conn.close()
         else:
@@ -138,19 +137,12 @@ class ConnectionPool:
         for c in conns:
             c.close()
 
-    def _connect(self, base: str, connect_timeout: float) -> http.client.HTTPConnection:
+    def _connect(self, base: str, connect_timeout: float) -> Connection:
         u = urlsplit(base)
-        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = cls(u.hostname or "", u.port, timeout=connect_timeout)
         self._prefix[base] = u.path.rstrip("/")  # a server behind a path prefix
-        try:
-            conn.connect()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return Connection(u.hostname or "", u.port, u.scheme == "https", connect_timeout)
 
-    def _take(self, base: str) -> http.client.HTTPConnection | None:
+    def _take(self, base: str) -> Connection | None:
         while True:
             with self._lock:
                 idle = self._idle.get(base)
@@ -159,7 +151,7 @@ class ConnectionPool:
                 return conn
             conn.close()
 
-    def _give(self, base: str, conn: http.client.HTTPConnection) -> None:
+    def _give(self, base: str, conn: Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(base, [])
             if not self._closed and len(idle) < self.max_idle:
@@ -168,7 +160,7 @@ class ConnectionPool:
         conn.close()
 
 
-def _still_open(conn: http.client.HTTPConnection) -> bool:
+def _still_open(conn: Connection) -> bool:
     """An idle keep-alive connection is usable if nothing is readable on it: readable
     means the server closed it (EOF) or sent something unasked."""
     sock = conn.sock

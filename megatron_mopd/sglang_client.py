@@ -19,7 +19,7 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   next URL. One sglang-router URL works the same way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
-- Connections are kept alive and reused (stdlib `http.client`, a small pool per URL).
+- Connections are kept alive and reused (`http_wire`, a small pool per URL).
   Each request has a `timeout` (seconds the server may stay silent while the request is
   sent or the answer awaited and read; connecting has its own shorter one). Connection
   errors, dropped connections, timeouts and 5xx answers are retried up to `max_retries`
