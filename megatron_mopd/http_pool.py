@@ -84,7 +84,7 @@ class ConnectionPool:
     once the answer is read in full; a connection that failed, timed out or is to be
     closed is dropped. An idle connection the server closed meanwhile (uvicorn closes
     them after 5 s) shows as readable and is dropped before use, as httpcore does.
-    Per 250 kB scoring answer, the connection costs ~0.25 ms of CPU, stdlib http.client
+    Per 250 kB scoring answer, the connection costs ~0.3 ms of CPU, stdlib http.client
     ~0.6 ms and httpx ~1.2 ms: HTTP was the largest part of the client's overhead per
     scoring request (tools/bench_scoring.py).
 

@@ -3,7 +3,7 @@
 `http.client` spent ~0.6 ms of CPU per 250 kB scoring answer, mostly in Python: header
 parsing through the `email` package, `putheader`, buffered reads. This connection sends
 the request line, headers and body in one `sendall` and reads a `Content-Length` body
-with `recv_into` straight into its final buffer: ~0.25 ms for the same answer
+with `recv_into` straight into its final buffer: ~0.3 ms for the same answer
 (tools/bench_scoring.py). It implements the part of RFC 9112 a JSON client needs:
 
 - the answer's body is framed by `Transfer-Encoding: chunked`, by `Content-Length`, or
