@@ -4,21 +4,19 @@ the first bad entry.
 
 Split from `sglang_client.py` (the protocol: requests, batching, retries), which calls
 these on every answer. A scoring answer in SGLang's compact layout (orjson) is checked on
-a flat decoding of its log-prob arrays (`fast_scored`); anything else gets the full
-decoding and the entry-by-entry check (`check_scored`).
+a flat decoding of its log-prob and top-k arrays (`fast_answers.fast_scored`); anything
+else gets the full decoding and the entry-by-entry check (`check_scored`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.http_pool import Answer, decode_answer, loads_json
-
-_MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
+from megatron_mopd.fast_answers import MAX_LOGPROB, fast_scored
+from megatron_mopd.http_pool import Answer, decode_answer
 
 
 @dataclass
@@ -55,23 +53,12 @@ def check_scoring_answer(
     `first_index`. SGLang's compact layout takes `fast_scored`; any other layout, or any
     doubt, the full decoding and `check_scored`, which names what is wrong."""
     n = len(seqs)
-    fast = fast_scored(resp.data, seqs, sent_start, starts)
+    fast = fast_scored(resp.data, seqs, sent_start, starts, top_k)
     if fast is not None:
-        items, logprobs = fast
-        if top_k <= 0:
+        _, logprobs, tops = fast
+        if tops is None:
             return [ScoredSequence(lp) for lp in logprobs]
-        return [
-            with_top_k(
-                ScoredSequence(logprobs[j]),
-                items[j]["meta_info"],
-                f"{url}: {label}, sequence {first_index + j}",
-                len(seqs[j]) - sent_start,
-                sent_start,
-                starts[j] - sent_start,
-                top_k,
-            )
-            for j in range(n)
-        ]
+        return [ScoredSequence(lp, *top) for lp, top in zip(logprobs, tops)]
     answer = decode_answer(resp)
     if not isinstance(answer, list) or len(answer) != n:
         check_item(answer, url, label, 0, n)  # raises, naming what came instead
@@ -223,90 +210,6 @@ def _checked_logprobs(
     return logprobs
 
 
-_LOGPROBS_KEY = b'"input_token_logprobs"'
-_BRACKETS = b"[]"
-
-
-def fast_scored(
-    data: bytes, seqs: list[list[int]], sent_start: int, starts: list[int]
-) -> tuple[list, list[list[float]]] | None:
-    """Decode and check a scoring answer of `len(seqs)` items without building one small
-    list per token: (the items, each sequence's log-probs), or None to take the slow path.
-
-    Most of the client's CPU per scoring request went to building and walking the
-    `[logprob, id, null]` list of every token. Here each item's `input_token_logprobs`
-    array is cut out of the bytes (the key, `:`, then up to its closing `]]`: its entries
-    hold no array or string) and replaced by the item's number in the rest, which is
-    decoded as usual. The arrays, stripped of their brackets, are decoded together as one
-    flat list `[lp, id, null, lp, id, null, ...]` and checked with slices in C: the total
-    length, the leading null, the ids sent from each sequence's start on, null third
-    fields, and the values (finite, <= 0). The rest must decode with each placeholder in
-    its item's `meta_info.input_token_logprobs`, so a cut in the wrong place (say a key
-    inside a string) is noticed. Anything unexpected (another layout, a bad value, NaN
-    literals) returns None: the caller then decodes the whole answer and checks it entry
-    by entry, naming what is wrong. (Entry boundaries are not checked one by one: entries
-    that are not triples but whose flattened values, ids and nulls all fall in place would
-    pass, with each value still paired with its token's id.)
-    """
-    n = len(seqs)
-    parts, arrays = [], []
-    pos = 0
-    for j in range(n):
-        k = data.find(_LOGPROBS_KEY, pos)
-        if k < 0:
-            return None
-        k += len(_LOGPROBS_KEY)
-        b = data.find(b"[", k)
-        if b < 0 or data[k:b].strip() != b":":
-            return None
-        # the array holds no string: it ends at the last "]]" before the next '"' (found
-        # with memchr; a forward search for "]]" stops at every ']' and costs 5x more)
-        q = data.find(b'"', b)
-        e = data.rfind(b"]]", b, len(data) if q < 0 else q)
-        if e < 0:
-            return None
-        parts += (data[pos:b], str(j).encode())
-        arrays.append(data[b : e + 2])
-        pos = e + 2
-    if data.find(_LOGPROBS_KEY, pos) >= 0:
-        return None
-    parts.append(data[pos:])
-    try:
-        items = loads_json(b"".join(parts))
-        # "[[lp,id,null],...],[[...]]" -> "[lp,id,null,...,lp,id,null]"
-        flat = loads_json(b"[" + b",".join(arrays).translate(None, _BRACKETS) + b"]")
-    except ValueError:
-        return None
-    if not isinstance(items, list) or len(items) != n:
-        return None
-    out, sent = [], []
-    o = 0  # offset of sequence j's entries in `flat`
-    try:
-        for j, item in enumerate(items):
-            mark = item["meta_info"]["input_token_logprobs"]
-            if type(mark) is not int or mark != j or flat[o] is not None:  # leading null
-                return None
-            ids = seqs[j]
-            lo = o + 3 * (starts[j] - sent_start)  # entry of token `start`
-            o += 3 * (len(ids) - sent_start)
-            out.append(flat[lo:o:3])
-            sent.append(ids[sent_start:])
-        # every entry: the id sent and a null third field (checked for all entries, also
-        # those before a sequence's own start), then the values kept: finite and <= 0
-        values = itertools.chain.from_iterable(out)
-        if (
-            o != len(flat)
-            or flat[1::3] != list(itertools.chain.from_iterable(sent))
-            or flat[2::3].count(None) != o // 3
-            or not math.isfinite(sum(values))
-            or max(itertools.chain.from_iterable(out), default=0.0) > _MAX_LOGPROB
-        ):
-            return None
-    except (TypeError, KeyError, IndexError, ValueError):
-        return None
-    return items, out
-
-
 def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list[float] | None:
     """The log-probs of `entries[skip:]` if they are well-formed `[logprob, id, ...]`
     entries for `ids[start:]`, checked in bulk with C-level loops: one list of values, one
@@ -318,7 +221,7 @@ def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list
         vals = [e[0] for e in tail]
         if [e[1] for e in tail] != ids[start:]:
             return None
-        if vals and not (math.isfinite(sum(vals)) and max(vals) <= _MAX_LOGPROB):
+        if vals and not (math.isfinite(sum(vals)) and max(vals) <= MAX_LOGPROB):
             return None
     except (TypeError, IndexError, KeyError):
         return None
@@ -334,5 +237,5 @@ def _is_logprob(x: Any) -> bool:
         isinstance(x, int | float)
         and not isinstance(x, bool)
         and math.isfinite(x)
-        and x <= _MAX_LOGPROB
+        and x <= MAX_LOGPROB
     )

@@ -29,8 +29,9 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   `[logprob, token_id, ...]` per token with the token ids that were sent, and every
   log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
   server and is not retried. Scoring answers in SGLang's compact layout are checked on a
-  flat decoding of their log-prob arrays (`fast_scored`: ~30% less client CPU); any
-  other layout, or any doubt, gets the full decoding and the entry-by-entry check. JSON has no NaN: SGLang (orjson) writes NaN and inf as
+  flat decoding of their log-prob and top-k arrays (`fast_answers.fast_scored`: ~30% less
+  client CPU, 3x less with top-k); any other layout, or any doubt, gets the full decoding
+  and the entry-by-entry check. JSON has no NaN: SGLang (orjson) writes NaN and inf as
   `null`, other servers may write `NaN`/`Infinity`; both are caught.
 - Every failure raises `TeacherError` naming the server URL, the request number and the
   sequence index; callers (`SGLangTeacher`, `SGLangRolloutEngine`) add their own name.

@@ -257,3 +257,27 @@ def random_seqs(n: int, lo: int, hi: int, vocab: int = 128, seed: int = 0) -> li
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(4, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def scoring_item(ids: list[int], sent_start: int, top_k: int = 0, seed: int = 0) -> dict:
+    """A well-formed answer item for `ids` sent with `logprob_start_len = sent_start`, as
+    SGLang builds it: a leading null entry, then `[logprob, id, null]` per token, and with
+    `top_k`, `input_top_logprobs` = null then k `[logprob, id, null]` per position."""
+    import random
+
+    rng = random.Random(seed)
+    entries = [[-0.01 * (k + 1), t, None] for k, t in enumerate(ids[sent_start:])]
+    entries[0][0] = None
+    meta: dict = {"input_token_logprobs": entries}
+    if top_k:
+        rows = [
+            sorted(
+                ([-rng.random() * 9, rng.randrange(150_000), None] for _ in range(top_k)),
+                reverse=True,
+            )  # fmt: skip
+            for _ in entries[1:]
+        ]
+        meta["output_token_logprobs"] = []
+        meta["input_top_logprobs"] = [None, *rows]
+        meta["output_top_logprobs"] = []
+    return {"meta_info": meta}

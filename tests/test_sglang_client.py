@@ -13,7 +13,13 @@ import math
 import time
 
 import pytest
-from sglang_helpers import FlakyProxy, InProcessServer, random_seqs, reference_logprobs
+from sglang_helpers import (
+    FlakyProxy,
+    InProcessServer,
+    random_seqs,
+    reference_logprobs,
+    scoring_item,
+)
 
 from megatron_mopd.config import RolloutConfig, TeacherConfig
 from megatron_mopd.errors import TeacherError
@@ -313,13 +319,6 @@ def test_wait_healthy_waits_for_loading(model_dir):
 # ----------------------------------------------------------------------------- checks, HTTP
 
 
-def _scoring_item(ids, sent_start):
-    """A well-formed answer item for `ids` sent with `logprob_start_len = sent_start`."""
-    entries = [[-0.01 * (k + 1), t, None] for k, t in enumerate(ids[sent_start:])]
-    entries[0][0] = None
-    return {"meta_info": {"input_token_logprobs": entries}}
-
-
 @pytest.mark.parametrize(
     "bad, needle",
     [
@@ -339,11 +338,11 @@ def test_bulk_check_names_the_first_bad_token(bad, needle):
     from megatron_mopd.sglang_answers import check_scored
 
     ids = [4 + (7 * i) % 120 for i in range(300)]
-    good = _scoring_item(ids, 9)
+    good = scoring_item(ids, 9)
     got = check_scored(good, "http://u", "req", 0, 42, ids, 9, 10, 0).logprobs
     assert got == [e[0] for e in good["meta_info"]["input_token_logprobs"][1:]]
     for first in (10, 150, 299):  # token positions (entry = position - 9)
-        item = _scoring_item(ids, 9)
+        item = scoring_item(ids, 9)
         entries = item["meta_info"]["input_token_logprobs"]
         for pos in (first, min(first + 5, 299)):  # a second bad one after the first
             e = entries[pos - 9]
@@ -358,111 +357,14 @@ def test_bulk_check_names_the_first_bad_token(bad, needle):
         msg = str(err.value)
         assert f"sequence 42: token {first}" in msg and needle in msg and "http://u" in msg, msg
     # entries before the sequence's own start are not its log-probs: not checked
-    item = _scoring_item(ids, 9)
+    item = scoring_item(ids, 9)
     item["meta_info"]["input_token_logprobs"][3][0] = float("nan")
     assert len(check_scored(item, "http://u", "req", 0, 42, ids, 9, 20, 0).logprobs) == 280
 
 
-def _scoring_answer(seqs, sent_start, **meta):
-    """A batch answer as SGLang writes it (orjson, compact), with other meta_info fields."""
-    items = []
-    for i, ids in enumerate(seqs):
-        item = _scoring_item(ids, sent_start)
-        item["meta_info"].update(meta, id=f"req-{i}", prompt_tokens=len(ids))
-        items.append({"text": "", "output_ids": [], **item})
-    return items
-
-
-def _full_check(items, seqs, sent_start, starts, top_k=0):
-    from megatron_mopd.sglang_answers import check_scored
-
-    return [
-        check_scored(it, "u", "l", j, j, seqs[j], sent_start, starts[j], top_k).logprobs
-        for j, it in enumerate(items)
-    ]
-
-
-def test_fast_path_agrees_with_the_entry_by_entry_check():
-    """The byte-level fast path of a scoring answer gives the same log-probs as decoding
-    the whole answer and checking it entry by entry, and is taken on SGLang's layout."""
-    import json
-    import random
-
-    import orjson
-
-    from megatron_mopd.sglang_answers import fast_scored
-
-    rng = random.Random(0)
-    for sent_start in (0, 3):
-        seqs = [[rng.randrange(200_000) for _ in range(rng.randint(8, 40))] for _ in range(5)]
-        starts = [rng.randint(sent_start + 1, len(s)) for s in seqs]
-        items = _scoring_answer(seqs, sent_start, weight_version="w", e2e_latency=0.1)
-        want = _full_check(items, seqs, sent_start, starts)
-        fast = fast_scored(orjson.dumps(items), seqs, sent_start, starts)
-        assert fast is not None and fast[1] == want
-        assert [it["meta_info"]["weight_version"] for it in fast[0]] == ["w"] * 5
-        # other layouts (spaces, newlines) are decoded right, or left to the full path
-        for text in (json.dumps(items), json.dumps(items, indent=2)):
-            got = fast_scored(text.encode(), seqs, sent_start, starts)
-            assert got is None or got[1] == want
-
-
-def _bad_answers(seqs):
-    """(name, answer bytes) pairs, each wrong in one way the fast path must not accept."""
-    import json
-
-    import orjson
-
-    def mutated(fn):
-        items = _scoring_answer(seqs, 0)
-        fn([it["meta_info"]["input_token_logprobs"] for it in items], items)
-        return orjson.dumps(items)
-
-    def at(j, k, f, v):
-        def fn(entries, items):
-            entries[j][k][f] = v
-
-        return fn
-
-    nan_literal = json.dumps(_scoring_answer(seqs, 0)).replace("-0.03,", "NaN,", 1)
-    return [
-        ("null value", mutated(at(1, 3, 0, None))),
-        ("positive", mutated(at(2, 5, 0, 0.5))),
-        ("string value", mutated(at(0, 2, 0, "x"))),
-        ("wrong id", mutated(at(1, 4, 1, 7))),
-        ("no leading null", mutated(at(2, 0, 0, -1.0))),
-        ("text with brackets", mutated(at(0, 3, 2, "]],[["))),
-        ("dropped entry", mutated(lambda e, it: e[1].pop())),
-        ("extra entry", mutated(lambda e, it: e[2].append([-0.5, 9, None]))),
-        ("short entry", mutated(lambda e, it: e[1][2].pop())),
-        ("long entry", mutated(lambda e, it: e[1][2].append(None))),
-        ("missing item", mutated(lambda e, it: it.pop())),
-        ("no logprobs", mutated(lambda e, it: it[1]["meta_info"].pop("input_token_logprobs"))),
-        ("NaN literal", nan_literal.encode()),
-        ("inf as null (orjson)", mutated(at(0, 4, 0, float("inf")))),
-    ]
-
-
-def test_fast_path_refuses_what_is_wrong():
-    """Every malformed answer leaves the fast path (None), and the full check then names
-    the problem; a key-like string in another field does not confuse the cut."""
-    import orjson
-
-    from megatron_mopd.sglang_answers import fast_scored
-
-    seqs = [[4 + (3 * i + j) % 90 for i in range(12)] for j in range(3)]
-    starts = [1, 1, 1]
-    for name, data in _bad_answers(seqs):
-        assert fast_scored(data, seqs, 0, starts) is None, name
-    items = _scoring_answer(seqs, 0)
-    items[0]["text"] = '"input_token_logprobs":[[1,2,3]]'
-    items[1]["meta_info"]["note"] = 'x"input_token_logprobs":[[null]]'
-    fast = fast_scored(orjson.dumps(items), seqs, 0, starts)
-    assert fast is None or fast[1] == _full_check(items, seqs, 0, starts)
-
-
 def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
-    """Answers of `mopd serve` (orjson, like SGLang) are decoded by the fast path."""
+    """Answers of `mopd serve` (orjson, like SGLang) are decoded by the fast path, with and
+    without top-k, and give exactly what the full decoding gives."""
     from megatron_mopd import sglang_answers
 
     taken = []
@@ -470,10 +372,15 @@ def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
     monkeypatch.setattr(
         sglang_answers, "fast_scored", lambda *a: taken.append(real(*a)) or taken[-1]
     )
-    with SGLangClient([server.url], max_in_flight=2) as c:
-        out = c.score(seqs, batch_size=4, top_k=2)
-    assert len(taken) == 3 and all(t is not None for t in taken)
-    assert all(len(o.top_ids) == len(o.logprobs) for o in out)
+    starts = [max(1, len(s) // 2) for s in seqs]
+    with SGLangClient([server.url], max_in_flight=1) as c:
+        fast = [c.score(seqs, starts, top_k=k, batch_size=4) for k in (0, 3)]
+        assert len(taken) == 6 and all(t is not None for t in taken)
+        monkeypatch.setattr(sglang_answers, "fast_scored", lambda *a: None)
+        slow = [c.score(seqs, starts, top_k=k, batch_size=4) for k in (0, 3)]
+    assert fast == slow
+    assert all(len(o.top_ids) == len(o.logprobs) == len(s) - st for o, s, st in
+               zip(fast[1], seqs, starts))  # fmt: skip
 
 
 class _CountingServer:
