@@ -181,6 +181,15 @@ PATCHES: tuple[Patch, ...] = (
                     ),
                 ),
                 ("distributed.distributed_data_parallel", ("DistributedDataParallel.__init__",)),
+                # the torch_dist save: a synchronize and flags built on the current device
+                (
+                    "dist_checkpointing.strategies.filesystem_async",
+                    ("FileSystemWriterAsync.preload_tensors",),
+                ),
+                (
+                    "dist_checkpointing.strategies.state_dict_saver",
+                    ("save_state_dict_async_finalize", "verify_global_md_reuse"),
+                ),
                 (
                     "distributed.param_and_grad_buffer",
                     (
@@ -232,8 +241,9 @@ PATCHES: tuple[Patch, ...] = (
             for f in fs
         ),
         why="torch.cuda.current_device() placements, torch.cuda streams/events/synchronize "
-        "(p2p, DDP, MoE dispatcher) and device='cuda' literals (causal mask, schedules, "
-        "optimizer, grad clipping); inside these modules only, `torch` is a CPU view",
+        "(p2p, DDP, MoE dispatcher, torch_dist checkpoint save) and device='cuda' literals "
+        "(causal mask, schedules, optimizer, grad clipping, checkpoint flags); inside these "
+        "modules only, `torch` is a CPU view",
         install="_install_cpu_torch_namespace",
     ),
     Patch(
@@ -327,6 +337,9 @@ _RECORDED_SIGNATURES: dict[str, str] = {
     "megatron.core.transformer.moe.shared_experts:SharedExpertMLP.get_output": "(self)",
     "megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher.__init__": "(self, num_local_experts, local_expert_indices, config, pg_collection=None)",
     "megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize": "(self, point, tokens_per_expert=None)",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async:FileSystemWriterAsync.preload_tensors": "(write_buckets, non_blocking=True)",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver:save_state_dict_async_finalize": "(storage_writer, global_metadata, dist_wrapper)",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver:verify_global_md_reuse": "(loaded_all_plans, local_plan, rank, dist_wrapper)",
     "megatron.core.models.gpt.gpt_model:GPTModel._preprocess": "(self, input_ids, position_ids, decoder_input=None, inference_context=None, packed_seq_params=None, padding_mask=None)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding.__init__": "(self, kv_channels, rotary_percent, rotary_interleaved=False, seq_len_interpolation_factor=None, rotary_base=10000, rope_scaling=False, rope_scaling_factor=8.0, use_cpu_initialization=False, cp_group=None)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding.get_emb": "(self, max_seq_len, offset=0)",

@@ -7,58 +7,19 @@ load, and the errors a load that does not fit raises.
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-
-# --------------------------------------------------------------------------------------
-# megatron-core's dist_checkpointing on CPU
-#
-# TEMPORARY, to move into patches/megatron_core.py (H1's `cpu_torch_namespace` patch): the
-# torch_dist save path calls `torch.cuda.synchronize()` (filesystem_async.FileSystemWriterAsync.
-# preload_tensors) and builds flags with `device="cuda"` / `torch.cuda.current_device()`
-# (state_dict_saver.save_state_dict_async_finalize, verify_global_md_reuse). Adding these two
-# modules to that patch's module list makes this shim a no-op (it checks).
-
-_DIST_CKPT_MODULES = (
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-)
-
-
-class _CpuTorch(types.ModuleType):
-    """`torch` with a `cuda` namespace that places flags on the CPU and never synchronises."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-        self.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
-        real_tensor = torch.tensor
-
-        def tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
-            device = kwargs.get("device")
-            if device is not None and str(torch.device(device)).startswith("cuda"):
-                kwargs["device"] = "cpu"
-            return real_tensor(*args, **kwargs)
-
-        self.tensor = tensor
-        self.cuda = types.SimpleNamespace(
-            synchronize=lambda device=None: None,
-            current_device=lambda: "cpu",
-            is_available=lambda: False,
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
 
 
 @contextlib.contextmanager
 def dist_checkpointing_io() -> Iterator[None]:
     """The context of every (synchronous) dist_checkpointing save and load here.
 
-    - Without CUDA, dist_checkpointing's torch_dist save runs on CPU (see above; a no-op
-      when the project's megatron-core patches already cover it).
+    - Without CUDA, the project's megatron-core patches are applied (idempotent): the
+      torch_dist save calls `torch.cuda.synchronize()` and builds flags on the current
+      CUDA device (`cpu_torch_namespace` covers both).
     - The writer collects its results through a queue that megatron-core creates, on first
       use, as `multiprocessing.get_context("spawn").Manager().Queue()`: a server process
       that re-imports the `__main__` module (~5-20 s on a 2-core machine, once per process).
@@ -68,14 +29,11 @@ def dist_checkpointing_io() -> Iterator[None]:
     import importlib
     import queue
 
-    swapped = []
     if not torch.cuda.is_available():
-        for name in _DIST_CKPT_MODULES:
-            module = importlib.import_module(name)
-            if vars(module).get("torch") is torch:  # not patched by patches/megatron_core.py
-                swapped.append(module)
-                module.torch = _CpuTorch()
-    writer = importlib.import_module(_DIST_CKPT_MODULES[0])
+        from megatron_mopd.patches import megatron_core
+
+        megatron_core.apply()
+    writer = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
     own_queue = getattr(writer, "_results_queue", "absent") is None
     if own_queue:
         writer._results_queue = queue.Queue()
@@ -84,8 +42,6 @@ def dist_checkpointing_io() -> Iterator[None]:
     finally:
         if own_queue:
             writer._results_queue = None
-        for module in swapped:
-            module.torch = torch
 
 
 # --------------------------------------------------------------------------------------
