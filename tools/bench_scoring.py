@@ -89,7 +89,7 @@ def _numel(f, key: str) -> int:
     return n
 
 
-def run_mode(client, seqs, batch_size, pids) -> tuple[float, float, float, list]:
+def run_mode(client, seqs, batch_size, pids, top_k=0) -> tuple[float, float, float, list]:
     """Score `seqs`; returns (wall s, client CPU s, servers' CPU s, results).
 
     A full GC first: otherwise the first full collection of this process's heap (torch's
@@ -98,7 +98,7 @@ def run_mode(client, seqs, batch_size, pids) -> tuple[float, float, float, list]
     gc.collect()
     srv0 = sum(cpu_seconds(p) for p in pids)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    out = client.score(seqs, batch_size=batch_size)
+    out = client.score(seqs, batch_size=batch_size, top_k=top_k)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return wall, cpu, sum(cpu_seconds(p) for p in pids) - srv0, out
 
@@ -153,8 +153,8 @@ def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
     rows = []
     sub = seqs[: args.sequential_n]
     with SGLangClient(urls, timeout=600, max_in_flight=1) as c:
-        c.score(sub[:4], batch_size=1)  # warm-up
-        wall, cpu, srv, seq_out = run_mode(c, sub, 1, pids)
+        c.score(sub[:4], batch_size=1, top_k=args.top_k)  # warm-up
+        wall, cpu, srv, seq_out = run_mode(c, sub, 1, pids, args.top_k)
     rows.append(("sequential (1 seq/request, 1 in flight)", len(sub), wall, cpu, srv))
 
     modes = [("batched, direct to 2 servers", urls)]
@@ -162,8 +162,8 @@ def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
         modes.append(("batched, through sglang-router", [router_url]))
     for name, targets in modes:
         with SGLangClient(targets, timeout=600, max_in_flight=args.max_in_flight) as c:
-            c.score(seqs[:8], batch_size=args.batch_size)  # warm-up
-            wall, cpu, srv, out = run_mode(c, seqs, args.batch_size, pids)
+            c.score(seqs[:8], batch_size=args.batch_size, top_k=args.top_k)  # warm-up
+            wall, cpu, srv, out = run_mode(c, seqs, args.batch_size, pids, args.top_k)
         rows.append((f"{name} ({args.batch_size}/req, {args.max_in_flight} in flight)",
                      len(seqs), wall, cpu, srv))  # fmt: skip
         for a, b in zip(seq_out, out):
@@ -230,7 +230,7 @@ def bench(args: argparse.Namespace) -> None:
     try:
         urls, router_url, pids = start_servers(args, hf, work, procs)
         print(
-            f"scoring {args.n} sequences x {args.length} tokens, model {hf} "
+            f"scoring {args.n} sequences x {args.length} tokens (top-k {args.top_k}), model {hf} "
             f"({_count_params(hf) / 1e6:.2f} M parameters), 2 servers x 1 thread, "
             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
         )
@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--sequential-n", type=int, default=256, help="sequences timed sequentially")
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per request")
     ap.add_argument("--max-in-flight", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=0, help="also score the top-k per token")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--lifetime", type=int, default=1800, help="servers stop after this (s)")
     bench(ap.parse_args())
