@@ -226,6 +226,64 @@ class ProtoResult:
     steps: list[dict]
 
 
+def proto_step(
+    student,
+    teachers: dict,
+    opt: torch.optim.Optimizer,
+    tok,
+    exs: Sequence[Example],
+    step: int,
+    cfg: ProtoConfig,
+    gen: torch.Generator,
+) -> dict:
+    """One MOPD step on the examples `exs` (each repeated `samples_per_prompt` times):
+    sample, score, train. Returns the step's metrics, with the time of each phase."""
+    t0 = time.perf_counter()
+    exs = [ex for ex in exs for _ in range(cfg.samples_per_prompt)]
+    prompts = [encode(tok, ex.prompt) for ex in exs]
+    # 1. sample
+    student.eval()
+    out = decode(
+        student, prompts, cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id, False, gen
+    )
+    student.train()
+    batch = make_batch(
+        prompts, out.response_ids, out.logprobs, [e.domain for e in exs], tok.pad_token_id
+    )
+    t1 = time.perf_counter()
+    # 2. score
+    tlp = teacher_logprobs(teachers, batch)
+    t2 = time.perf_counter()
+    # 3. train
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    lp = logprobs_all(student, batch.ids_B_T)
+    loss, m = mopd_loss(lp, tlp, batch, cfg, tok.eos_token_id, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+    opt.step()
+    t3 = time.perf_counter()
+    m.update(
+        step=step,
+        grad_norm=float(gnorm),
+        t_sample=t1 - t0,
+        t_score=t2 - t1,
+        t_train=t3 - t2,
+        stopped=sum(out.stopped) / len(out.stopped),
+    )
+    return m
+
+
+def _step_line(m: dict) -> str:
+    return (
+        f"step {m['step']}: adv {m['adv_mean']:.3f} kl {m['kl_exact']:.3f} "
+        f"(add {m.get('kl_add', 0):.3f} rev {m.get('kl_reverse', 0):.3f}) "
+        f"stop {m['stop_prob_where_teacher_continues']:.3f} len {m['resp_len']:.2f} "
+        f"gn {m['grad_norm']:.2f} {m['t_sample'] + m['t_score'] + m['t_train']:.3f}s"
+    )
+
+
 def run(
     student_path: str,
     teacher_paths: dict[str, str],
@@ -272,49 +330,12 @@ def run(
             cursor = 0
         exs = [train[j] for j in order[cursor : cursor + cfg.prompts_per_step]]
         cursor += cfg.prompts_per_step
-        exs = [ex for ex in exs for _ in range(cfg.samples_per_prompt)]
-        prompts = [encode(tok, ex.prompt) for ex in exs]
-        # 1. sample
-        student.eval()
-        out = decode(
-            student, prompts, cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id, False, gen
-        )
-        student.train()
-        batch = make_batch(
-            prompts, out.response_ids, out.logprobs, [e.domain for e in exs], tok.pad_token_id
-        )
-        t1 = time.perf_counter()
-        # 2. score
-        tlp = teacher_logprobs(teachers, batch)
-        t2 = time.perf_counter()
-        # 3. train
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        lp = logprobs_all(student, batch.ids_B_T)
-        loss, m = mopd_loss(lp, tlp, batch, cfg, tok.eos_token_id, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        opt.step()
-        t3 = time.perf_counter()
-        train_wall += t3 - t0
+        m = proto_step(student, teachers, opt, tok, exs, step, cfg, gen)
+        train_wall += time.perf_counter() - t0
         train_cpu += time.process_time() - c0
-        m.update(
-            step=step,
-            grad_norm=float(gnorm),
-            t_sample=t1 - t0,
-            t_score=t2 - t1,
-            t_train=t3 - t2,
-            stopped=sum(out.stopped) / len(out.stopped),
-        )
         steps.append({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()})
         if log and (step % 10 == 0 or step == 1):
-            log(
-                f"step {step}: adv {m['adv_mean']:.3f} kl {m['kl_exact']:.3f} "
-                f"(add {m.get('kl_add', 0):.3f} rev {m.get('kl_reverse', 0):.3f}) "
-                f"stop {m['stop_prob_where_teacher_continues']:.3f} len {m['resp_len']:.2f} "
-                f"gn {float(gnorm):.2f} {t3 - t0:.3f}s"
-            )
+            log(_step_line(m))
         if step % cfg.eval_interval == 0 and do_eval(step):
             reached = step
             break
