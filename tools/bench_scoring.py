@@ -21,7 +21,7 @@ The client's overhead is a ratio to the server's cost, so it depends on the mode
 served; the speed-up goes the other way (batching amortises the server's fixed cost per
 request, which weighs less as the model grows). On 2 cores the default model (a qwen3_moe
 of 3 layers, hidden 64, 0.13 M parameters) at 64 sequences per request is the smallest
-of those measured where both goals held in every run (>= 4x, < 2%); at 2 layers the
+of those measured where both goals held in almost every run (>= 4x, < 2%); at 2 layers the
 speed-up is higher and the client's ~0.065 ms per sequence is ~2.5% of the servers'
 (README, Performance, has the sweep). The last line prints the server cost per
 sequence at which this client's overhead is 2%.
