@@ -26,11 +26,18 @@ class Scripted:
     `requests` holds the raw bytes of each request (head + Content-Length body);
     `accepted` counts connections."""
 
-    def __init__(self, replies: list, pieces: int = 1, tls: ssl.SSLContext | None = None):
-        self.replies, self.pieces, self.tls = list(replies), pieces, tls
+    def __init__(
+        self,
+        replies: list,
+        pieces: int = 1,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+    ):
+        self.replies, self.pieces, self.tls, self.host = list(replies), pieces, tls, host
         self.requests: list[bytes] = []
         self.accepted = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -82,7 +89,7 @@ class Scripted:
                     return
 
     def connect(self, timeout: float = 5.0) -> Connection:
-        return Connection("127.0.0.1", self.port, self.tls is not None, timeout)
+        return Connection(self.host, self.port, self.tls is not None, timeout)
 
     def close(self) -> None:
         self.sock.close()
@@ -242,6 +249,22 @@ def test_pool_reuses_and_replaces_connections():
         got = [pool.send("GET", url, "/x", None).data for _ in range(4)]
         assert got == [b"1", b"2", b"3", b"4"]
         assert srv.accepted == 2
+    finally:
+        pool.close()
+        srv.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_ipv6_literal_urls():
+    """`http://[::1]:port`: the pool connects to the address, Host keeps the brackets."""
+    try:
+        srv = Scripted([ok(b"six")], host="::1")
+    except OSError as e:  # IPv6 compiled in but not configured on loopback
+        pytest.skip(f"no IPv6 loopback: {e}")
+    pool = ConnectionPool(timeout=5, connect_timeout=5, max_idle=1)
+    try:
+        assert pool.send("GET", f"http://[::1]:{srv.port}", "/x", None).data == b"six"
+        assert f"Host: [::1]:{srv.port}\r\n".encode() in srv.requests[0]
     finally:
         pool.close()
         srv.close()
