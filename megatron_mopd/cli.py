@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert checkpoints between Hugging Face and Megatron"),
     "logprobs": ("logprobs", "per-token log-probs of token sequences on the Megatron student"),
     "score": ("score", "per-token log-probs of token sequences from an SGLang server"),
+    "mismatch": ("mismatch", "train/inference mismatch of two log-prob files (logprobs vs score)"),
     "serve": ("serve", "serve a Hugging Face model on CPU behind SGLang's HTTP API"),
     "demo": ("demo", "the CPU demo: toy teachers, a weak student, MOPD, a table"),
     "ablation": ("ablation", "ORM-only RL vs MOPD (and dense vs sampled) on the CPU toy"),

@@ -101,3 +101,23 @@ def test_missing_file_and_server_errors(server, tmp_path):
              "--output", str(tmp_path / "o.jsonl"), "--wait", "0.5")  # fmt: skip
     assert r.returncode == 2 and down in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_mismatch_of_megatron_against_the_server(server, model_dir, tmp_path):
+    """The intended use of the three commands: the same tokens through `mopd logprobs`
+    (the Megatron student) and `mopd score` (a server of the same weights), then `mopd
+    mismatch`: the two agree to float rounding and IcePop would discard nothing."""
+    seqs = random_seqs(6, 2, 40, seed=8)
+    write_jsonl(tmp_path / "in.jsonl", [{"input_ids": s} for s in seqs])
+    inp = str(tmp_path / "in.jsonl")
+    r = mopd("logprobs", "--hf", model_dir, "--input", inp, "--output", str(tmp_path / "pi.jsonl"),
+             timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = mopd("score", "--url", server.url, "--input", inp, "--output", str(tmp_path / "mu.jsonl"))
+    assert r.returncode == 0, r.stderr
+    r = mopd("mismatch", str(tmp_path / "pi.jsonl"), str(tmp_path / "mu.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["sequences"] == 6 and m["tokens"] == sum(len(s) - 1 for s in seqs)
+    assert 0 < m["max_abs_diff"] < 1e-4  # two implementations, same weights
+    assert m["discard_low"] == 0 == m["discard_high"]
