@@ -81,9 +81,10 @@ def test_identical_files_do_not_differ(tmp_path, capsys):
         ([[-1.0], [-2.0]], [[-1.0]], "has 2 records"),
         ([[-1.0, -2.0]], [[-1.0]], "record 1: 2 log-probs"),
         (["{not json"], [[-1.0]], "a.jsonl:1: not valid JSON"),
-        (['{"ids": [1]}'], [[-1.0]], 'a.jsonl:1: expected an object with a "logprobs" list'),
-        ([[-1.0]], ['{"logprobs": [null]}'], "b.jsonl:1: logprobs[0] is None"),
-        ([[-1.0]], ['{"logprobs": [-1.0, Infinity]}'], "b.jsonl:1: logprobs[1] is inf"),
+        (['{"ids": [1]}'], [[-1.0]], 'a.jsonl:1: missing "logprobs"'),
+        ([[-1.0]], ['{"logprobs": [null]}'], 'b.jsonl:1: "logprobs"[0]=None is not a finite'),
+        ([[-1.0]], ['{"logprobs": [-1.0, Infinity]}'], 'b.jsonl:1: "logprobs"[1]=inf is not'),
+        ([[-1.0]], ['{"logprobs": {"a": 1}}'], 'b.jsonl:1: "logprobs" must be a list'),
     ],
 )
 def test_files_that_do_not_line_up_are_one_error(tmp_path, capsys, a_rows, b_rows, needle):
@@ -98,4 +99,4 @@ def test_bad_bounds_and_missing_file(tmp_path, capsys):
     code, _, err = run(capsys, a, a, "--eps-low", "1.5")
     assert code == 2 and "--eps-low" in err
     code, _, err = run(capsys, a, tmp_path / "nope.jsonl")
-    assert code == 2 and "nope.jsonl: cannot read" in err
+    assert code == 2 and "nope.jsonl: no such file" in err

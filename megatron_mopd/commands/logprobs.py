@@ -30,6 +30,7 @@ import json
 import os
 from typing import Any
 
+from megatron_mopd.commands.jsonl import read_field, token_ids_problem
 from megatron_mopd.errors import ConfigError, UserError
 
 
@@ -58,45 +59,7 @@ def read_sequences(path: str) -> list[tuple[int, list[int]]]:
     """Read the input JSONL into (line number, token ids) pairs, checking its structure;
     `UserError` naming `path:line` on the first bad record. Blank lines are skipped.
     (Token ranges need the model's vocabulary: see `check_token_ranges`.)"""
-    if not os.path.exists(path):
-        raise UserError(f"--input {path}: no such file")
-    if not os.path.isfile(path):
-        raise UserError(f"--input {path}: not a file")
-    records: list[tuple[int, list[int]]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    records.append((lineno, _parse_line(line, f"{path}:{lineno}")))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise UserError(f"--input {path}: cannot read ({e.strerror})") from None
-    return records
-
-
-def _parse_line(line: str, where: str) -> list[int]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "input_ids" not in record:
-        raise UserError(f'{where}: missing "input_ids" (keys: {sorted(record)})')
-    ids = record["input_ids"]
-    if not isinstance(ids, list):
-        raise UserError(
-            f'{where}: "input_ids" must be a list of token ids, got {type(ids).__name__}'
-        )
-    if not ids:
-        raise UserError(f'{where}: "input_ids" is empty; a sequence needs at least one token')
-    for j, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool):
-            raise UserError(f'{where}: "input_ids"[{j}]={t!r} is not an integer token id')
-        if t < 0:
-            raise UserError(f'{where}: "input_ids"[{j}]={t} is a negative token id')
-    return ids
+    return read_field(path, "input_ids", token_ids_problem)
 
 
 def check_token_ranges(

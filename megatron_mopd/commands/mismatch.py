@@ -18,7 +18,6 @@ before training.
 from __future__ import annotations
 
 import argparse
-import math
 
 from megatron_mopd.config import LossConfig
 
@@ -38,31 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_logprobs(path: str) -> list[list[float]]:
     """The `logprobs` of every record of a JSONL file; `UserError` names file and line."""
-    import json
+    from megatron_mopd.commands.jsonl import logprobs_problem, read_field
 
-    from megatron_mopd.errors import UserError
-
-    out = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-            lps = rec.get("logprobs") if isinstance(rec, dict) else None
-            if not isinstance(lps, list):
-                raise UserError(f'{path}:{n}: expected an object with a "logprobs" list')
-            for i, v in enumerate(lps):
-                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                    raise UserError(f"{path}:{n}: logprobs[{i}] is {v!r}, not a finite number")
-            out.append(lps)
-    return out
+    return [lps for _, lps in read_field(path, "logprobs", logprobs_problem)]
 
 
 def mismatch(

@@ -33,38 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_records(path: str) -> list[list[int]]:
-    """The `input_ids` of every record of a JSONL file; `UserError` names file and line."""
-    import json
-
-    from megatron_mopd.errors import UserError
-
-    seqs = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-            ids = rec.get("input_ids") if isinstance(rec, dict) else None
-            if ids is None:
-                raise UserError(f'{path}:{n}: expected an object with "input_ids"')
-            if (
-                not isinstance(ids, list)
-                or not ids
-                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
-            ):
-                raise UserError(f'{path}:{n}: "input_ids" must be a non-empty list of token ids')
-            seqs.append(ids)
-    return seqs
-
-
 def run(args: argparse.Namespace) -> int:
     """Score every record and write the log-probs."""
     import os
@@ -78,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 0 or args.batch_size < 1 or args.max_in_flight < 1:
         raise UserError("--top-k must be >= 0, --batch-size and --max-in-flight >= 1")
-    seqs = read_records(args.input)
+    from megatron_mopd.commands.jsonl import read_field, token_ids_problem
+
+    seqs = [ids for _, ids in read_field(args.input, "input_ids", token_ids_problem)]
     tmp = f"{args.output}.tmp{os.getpid()}"
     chunk = max(args.batch_size * args.max_in_flight * 4, 1024)
     with SGLangClient(
