@@ -15,8 +15,11 @@ accepts only one value per request, not a list); `meta_info.input_token_logprobs
 starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of token
 `s - 1 + j`, and each sequence keeps the entries from its own start on.
 
-- Several URLs are used round robin, one request at a time each; a retry goes to the
-  next URL. One sglang-router URL works the same way (it spreads the load itself).
+- Several URLs are used round robin; a retry goes to the next URL, at once if that
+  server is answering. A server that failed to connect, timed out or dropped a request
+  is skipped for a cooldown (1 s, doubling while it keeps failing: `ServerSet`), so a
+  dead replica does not slow every other request. One sglang-router URL works the same
+  way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
 - Connections are kept alive and reused (`http_wire`, a small pool per URL).
@@ -92,6 +95,57 @@ class _Cancelled(Exception):
     """Another request of the same call failed: stop retrying this one."""
 
 
+class ServerSet:
+    """The client's server URLs, used round robin, minus those cooling down.
+
+    A server whose request failed to connect, timed out or was dropped is skipped for a
+    cooldown that doubles with each consecutive failure (`cooldown_seconds` up to 30x
+    that); its first success ends it. A replica that died mid-run thus costs one failed
+    attempt per cooldown instead of every other request. When every server is cooling
+    down, the one whose cooldown ends first is used: nothing waits for a cooldown.
+    Thread-safe.
+    """
+
+    def __init__(self, urls: list[str], cooldown_seconds: float = 1.0) -> None:
+        self.urls = urls
+        self.cooldown_seconds = cooldown_seconds
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}  # url -> monotonic time its cooldown ends
+        self._fails: dict[str, int] = {}  # url -> consecutive failures
+
+    def next(self) -> str:
+        """The next URL in round-robin order that is not cooling down."""
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(len(self.urls)):
+                url = self.urls[next(self._rr) % len(self.urls)]
+                if self._until.get(url, 0.0) <= now:
+                    return url
+            return min(self.urls, key=lambda u: self._until.get(u, 0.0))
+
+    def any_available(self) -> bool:
+        """True if some server is not cooling down."""
+        with self._lock:
+            now = time.monotonic()
+            return any(self._until.get(u, 0.0) <= now for u in self.urls)
+
+    def failed(self, url: str) -> None:
+        """`url` failed to connect, timed out or dropped the connection."""
+        with self._lock:
+            n = self._fails.get(url, 0) + 1
+            self._fails[url] = n
+            wait = self.cooldown_seconds * min(2 ** (n - 1), 30)
+            self._until[url] = time.monotonic() + wait
+
+    def succeeded(self, url: str) -> None:
+        """`url` answered."""
+        if url in self._fails:
+            with self._lock:
+                self._fails.pop(url, None)
+                self._until.pop(url, None)
+
+
 class SGLangClient:
     """HTTP client of one or several SGLang(-compatible) servers (see the module doc)."""
 
@@ -105,6 +159,7 @@ class SGLangClient:
         backoff_seconds: float = 0.5,
         max_backoff_seconds: float = 8.0,
         max_in_flight: int = 16,
+        cooldown_seconds: float = 1.0,
         name: str = "sglang",
     ) -> None:
         if not urls:
@@ -119,8 +174,7 @@ class SGLangClient:
         self.backoff_seconds = float(backoff_seconds)
         self.max_backoff_seconds = float(max_backoff_seconds)
         self.max_in_flight = max(1, int(max_in_flight))
-        self._rr = itertools.count()
-        self._rr_lock = threading.Lock()
+        self._servers = ServerSet(self.urls, cooldown_seconds)
         self._pool: ThreadPoolExecutor | None = None
         self._http = ConnectionPool(
             self.timeout, min(connect_timeout, self.timeout), max_idle=self.max_in_flight + 4
@@ -141,9 +195,6 @@ class SGLangClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _next_url(self) -> str:
-        with self._rr_lock:
-            return self.urls[next(self._rr) % len(self.urls)]
 
     def request(
         self,
@@ -158,7 +209,8 @@ class SGLangClient:
     ) -> tuple[Any, str]:
         """Send one request with retries; return (decoded JSON or text, URL that answered).
 
-        `url` pins the server (no round robin); otherwise each attempt takes the next URL.
+        `url` pins the server (no round robin); otherwise each attempt takes the next URL
+        that is not cooling down (`ServerSet`).
         `parse(answer, url)`, if given, turns the successful `Answer` (undecoded) into what
         is returned; it runs with the GC paused, and what it decodes is freed before the GC
         resumes, so its ~10^4 small lists are never traversed by a collection (`gc_paused`).
@@ -170,15 +222,17 @@ class SGLangClient:
         for attempt in range(attempts):
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
-            target = url or self._next_url()
+            target = url or self._servers.next()
             last_url = target
+            down = False  # the server did not answer: another one may
             try:
                 resp = self._http.send(method, target, path, content)
             except TimeoutError:
-                last = f"timed out after {self.timeout:g} s"
+                last, down = f"timed out after {self.timeout:g} s", True
             except (OSError, http.client.HTTPException) as e:
-                last = f"connection error ({type(e).__name__}: {e})"
+                last, down = f"connection error ({type(e).__name__}: {e})", True
             else:
+                self._servers.succeeded(target)
                 if resp.status < 400:
                     with gc_paused():
                         if parse is None:
@@ -190,7 +244,10 @@ class SGLangClient:
                         f"{target}{path}: {label} was refused with HTTP {resp.status}: {message}"
                     )
                 last = f"HTTP {resp.status}: {message}"
-            if attempt + 1 < attempts:
+            if down:
+                self._servers.failed(target)
+            if attempt + 1 < attempts and (url or not down or not self._servers.any_available()):
+                # no backoff when the next attempt goes to another, answering server
                 delay = min(self.max_backoff_seconds, self.backoff_seconds * 2**attempt)
                 time.sleep(delay * (0.5 + random.random() / 2))
         raise TeacherError(

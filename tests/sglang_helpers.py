@@ -195,12 +195,16 @@ class FlakyProxy:
                     return
                 if isinstance(action, tuple) and action[0] == "sleep":
                     time.sleep(action[1])
-                resp = proxy._http.request(
-                    method,
-                    proxy.target + self.path,
-                    content=raw or None,
-                    headers={"Content-Type": "application/json"} if raw else None,
-                )
+                try:
+                    resp = proxy._http.request(
+                        method,
+                        proxy.target + self.path,
+                        content=raw or None,
+                        headers={"Content-Type": "application/json"} if raw else None,
+                    )
+                except RuntimeError:  # stopped meanwhile (a client that timed out left)
+                    self.close_connection = True
+                    return
                 body = resp.content
                 if isinstance(action, tuple) and action[0] == "mutate":
                     body = json.dumps(action[1](resp.json())).encode()

@@ -131,6 +131,27 @@ def test_round_robin_over_urls(server, seqs, clean, proxy_factory):
     assert close(out, clean)
 
 
+def test_a_dead_replica_is_skipped_then_retried(server, seqs, clean, proxy_factory):
+    """Of two URLs, one drops every request: after its first failure it cools down and
+    the other serves everything, without backoff sleeps (one retry each is enough); once
+    the replica answers again it gets its share back."""
+    state = {"dead": True}
+    a = proxy_factory(lambda n, m, p: "drop" if state["dead"] else None)
+    b = proxy_factory()
+    with fast_client([a.url, b.url], max_retries=1, max_in_flight=1, cooldown_seconds=0.3,
+                     backoff_seconds=5.0) as c:  # fmt: skip
+        t0 = time.monotonic()
+        out = c.score(seqs, batch_size=1)  # 12 requests
+        assert time.monotonic() - t0 < 5.0  # no 5 s backoff was slept
+        assert close(out, clean)
+        assert b.count() == 12 and a.count() <= 2  # round robin alone: 6 to each
+        state["dead"] = False
+        time.sleep(0.7)  # past the cooldown (0.3 s, or 0.6 s after a second failure)
+        seen = a.count()
+        assert close(c.score(seqs, batch_size=1), clean)
+        assert a.count() - seen >= 5  # back in the rotation
+
+
 def test_teacher_scores_response_tokens(server, seqs, model_dir):
     ref = reference_logprobs(model_dir, seqs)
     cfg = TeacherConfig(backend="sglang", domains=["math"], urls=[server.url], batch_size=4)
