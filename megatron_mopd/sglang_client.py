@@ -100,10 +100,12 @@ class ServerSet:
 
     A server whose request failed to connect, timed out or was dropped is skipped for a
     cooldown that doubles with each consecutive failure (`cooldown_seconds` up to 30x
-    that); its first success ends it. A replica that died mid-run thus costs one failed
-    attempt per cooldown instead of every other request. When every server is cooling
-    down, the one whose cooldown ends first is used: nothing waits for a cooldown.
-    Thread-safe.
+    that); its first success ends it. After a cooldown the server is on probation: the
+    client checks `GET /health` (with the short connect timeout) before sending it work,
+    so a hung server costs a probe per cooldown, not a request's full timeout. A replica
+    that died mid-run thus costs one failed request, not every other one. When every
+    server is cooling down, the one whose cooldown ends first is used: nothing waits for a
+    cooldown. Thread-safe.
     """
 
     def __init__(self, urls: list[str], cooldown_seconds: float = 1.0) -> None:
@@ -113,6 +115,7 @@ class ServerSet:
         self._lock = threading.Lock()
         self._until: dict[str, float] = {}  # url -> monotonic time its cooldown ends
         self._fails: dict[str, int] = {}  # url -> consecutive failures
+        self._probed: set[str] = set()  # failed before, answered a probe since
 
     def next(self) -> str:
         """The next URL in round-robin order that is not cooling down."""
@@ -130,9 +133,21 @@ class ServerSet:
             now = time.monotonic()
             return any(self._until.get(u, 0.0) <= now for u in self.urls)
 
+    def on_probation(self, url: str) -> bool:
+        """True if `url` failed before and has not answered a probe since."""
+        with self._lock:
+            return url in self._fails and url not in self._probed
+
+    def probed(self, url: str) -> None:
+        """`url` answered a probe: send it work again (its failures still count)."""
+        with self._lock:
+            if url in self._fails:
+                self._probed.add(url)
+
     def failed(self, url: str) -> None:
         """`url` failed to connect, timed out or dropped the connection."""
         with self._lock:
+            self._probed.discard(url)
             n = self._fails.get(url, 0) + 1
             self._fails[url] = n
             wait = self.cooldown_seconds * min(2 ** (n - 1), 30)
@@ -144,6 +159,7 @@ class ServerSet:
             with self._lock:
                 self._fails.pop(url, None)
                 self._until.pop(url, None)
+                self._probed.discard(url)
 
 
 class SGLangClient:
@@ -175,6 +191,7 @@ class SGLangClient:
         self.max_backoff_seconds = float(max_backoff_seconds)
         self.max_in_flight = max(1, int(max_in_flight))
         self._servers = ServerSet(self.urls, cooldown_seconds)
+        self._probe_timeout = min(connect_timeout, self.timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._http = ConnectionPool(
             self.timeout, min(connect_timeout, self.timeout), max_idle=self.max_in_flight + 4
@@ -194,7 +211,6 @@ class SGLangClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
 
     def request(
         self,
@@ -222,7 +238,7 @@ class SGLangClient:
         for attempt in range(attempts):
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
-            target = url or self._servers.next()
+            target = url or self._pick()
             last_url = target
             down = False  # the server did not answer: another one may
             try:
@@ -254,6 +270,27 @@ class SGLangClient:
             f"{last_url}{path}: {label} failed after {attempts} attempt(s) "
             f"(max_retries={self.max_retries}); last error: {last}"
         )
+
+    def _pick(self) -> str:
+        """The next server to send work to (`ServerSet.next`); one on probation must first
+        answer `GET /health` within the connect timeout, else it cools down again and the
+        next server is tried. (With one server there is nothing to spare it for.)"""
+        if len(self.urls) == 1:
+            return self.urls[0]
+        for _ in range(len(self.urls)):
+            target = self._servers.next()
+            if not self._servers.on_probation(target):
+                return target
+            try:
+                resp = self._http.send("GET", target, "/health", None, timeout=self._probe_timeout)
+                healthy = resp.status == 200
+            except (OSError, http.client.HTTPException):
+                healthy = False
+            if healthy:
+                self._servers.probed(target)
+                return target
+            self._servers.failed(target)
+        return self._servers.next()  # all failing: the request itself will say so
 
     def post_all(self, path: str, body: Any, label: str | None = None) -> list[Any]:
         """POST `body` to every URL (e.g. a weight update), one after the other."""

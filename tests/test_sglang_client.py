@@ -152,6 +152,20 @@ def test_a_dead_replica_is_skipped_then_retried(server, seqs, clean, proxy_facto
         assert a.count() - seen >= 5  # back in the rotation
 
 
+def test_a_hung_replica_costs_one_timeout(server, seqs, clean, proxy_factory):
+    """A replica that hangs on everything: one request times out on it; after that each
+    cooldown ends with a short `/health` probe (which times out too), never with work
+    sent to it, so no other request waits for the full timeout."""
+    a = proxy_factory(lambda n, m, p: ("sleep", 3.0))
+    b = proxy_factory()
+    with fast_client([a.url, b.url], max_retries=1, max_in_flight=1, timeout=1.0,
+                     connect_timeout=0.1, cooldown_seconds=0.05) as c:  # fmt: skip
+        out = c.score(seqs, batch_size=1)  # 12 requests, cooldowns end during the run
+    assert close(out, clean)
+    assert a.count("/generate") == 1 and a.count("/health") >= 1
+    assert b.count() == 12
+
+
 def test_teacher_scores_response_tokens(server, seqs, model_dir):
     ref = reference_logprobs(model_dir, seqs)
     cfg = TeacherConfig(backend="sglang", domains=["math"], urls=[server.url], batch_size=4)
