@@ -15,11 +15,12 @@ accepts only one value per request, not a list); `meta_info.input_token_logprobs
 starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of token
 `s - 1 + j`, and each sequence keeps the entries from its own start on.
 
-- Several URLs are used round robin; a retry goes to the next URL, at once if that
-  server is answering. A server that failed to connect, timed out or dropped a request
-  is skipped for a cooldown (1 s, doubling while it keeps failing: `ServerSet`), so a
-  dead replica does not slow every other request. One sglang-router URL works the same
-  way (it spreads the load itself).
+- With several URLs each request goes to the one with the fewest requests in flight
+  (ties round robin); a retry goes to another URL, at once if that server is answering.
+  A server that failed to connect, timed out or dropped a request is skipped for a
+  cooldown (1 s, doubling while it keeps failing), then probed with `GET /health` before
+  it gets work again (`ServerSet`): a dead, hung or slow replica does not slow the
+  others. One sglang-router URL works the same way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
 - Connections are kept alive and reused (`http_wire`, a small pool per URL).
@@ -96,7 +97,8 @@ class _Cancelled(Exception):
 
 
 class ServerSet:
-    """The client's server URLs, used round robin, minus those cooling down.
+    """The client's server URLs: each request goes to the least busy one, minus those
+    cooling down.
 
     A server whose request failed to connect, timed out or was dropped is skipped for a
     cooldown that doubles with each consecutive failure (`cooldown_seconds` up to 30x
@@ -116,16 +118,28 @@ class ServerSet:
         self._until: dict[str, float] = {}  # url -> monotonic time its cooldown ends
         self._fails: dict[str, int] = {}  # url -> consecutive failures
         self._probed: set[str] = set()  # failed before, answered a probe since
+        self._busy: dict[str, int] = {}  # url -> requests in flight
 
-    def next(self) -> str:
-        """The next URL in round-robin order that is not cooling down."""
+    def acquire(self) -> str:
+        """The server for the next request, counted busy until `release`: of those not
+        cooling down, the one with the fewest requests in flight, ties in round-robin
+        order (so a slower or busier replica gets less, and equal ones alternate)."""
         with self._lock:
             now = time.monotonic()
-            for _ in range(len(self.urls)):
-                url = self.urls[next(self._rr) % len(self.urls)]
-                if self._until.get(url, 0.0) <= now:
-                    return url
-            return min(self.urls, key=lambda u: self._until.get(u, 0.0))
+            start = next(self._rr)
+            order = [self.urls[(start + i) % len(self.urls)] for i in range(len(self.urls))]
+            ready = [u for u in order if self._until.get(u, 0.0) <= now]
+            if ready:
+                url = min(ready, key=lambda u: self._busy.get(u, 0))
+            else:
+                url = min(self.urls, key=lambda u: self._until.get(u, 0.0))
+            self._busy[url] = self._busy.get(url, 0) + 1
+            return url
+
+    def release(self, url: str) -> None:
+        """A request to `url` (from `acquire`) has ended."""
+        with self._lock:
+            self._busy[url] -= 1
 
     def any_available(self) -> bool:
         """True if some server is not cooling down."""
@@ -241,13 +255,17 @@ class SGLangClient:
             target = url or self._pick()
             last_url = target
             down = False  # the server did not answer: another one may
+            resp = None
             try:
                 resp = self._http.send(method, target, path, content)
             except TimeoutError:
                 last, down = f"timed out after {self.timeout:g} s", True
             except (OSError, http.client.HTTPException) as e:
                 last, down = f"connection error ({type(e).__name__}: {e})", True
-            else:
+            finally:
+                if url is None:
+                    self._servers.release(target)
+            if resp is not None:
                 self._servers.succeeded(target)
                 if resp.status < 400:
                     with gc_paused():
@@ -272,14 +290,12 @@ class SGLangClient:
         )
 
     def _pick(self) -> str:
-        """The next server to send work to (`ServerSet.next`); one on probation must first
+        """The next server to send work to (`ServerSet.acquire`); one on probation must first
         answer `GET /health` within the connect timeout, else it cools down again and the
         next server is tried. (With one server there is nothing to spare it for.)"""
-        if len(self.urls) == 1:
-            return self.urls[0]
         for _ in range(len(self.urls)):
-            target = self._servers.next()
-            if not self._servers.on_probation(target):
+            target = self._servers.acquire()
+            if len(self.urls) == 1 or not self._servers.on_probation(target):
                 return target
             try:
                 resp = self._http.send("GET", target, "/health", None, timeout=self._probe_timeout)
@@ -289,8 +305,9 @@ class SGLangClient:
             if healthy:
                 self._servers.probed(target)
                 return target
+            self._servers.release(target)
             self._servers.failed(target)
-        return self._servers.next()  # all failing: the request itself will say so
+        return self._servers.acquire()  # all failing: the request itself will say so
 
     def post_all(self, path: str, body: Any, label: str | None = None) -> list[Any]:
         """POST `body` to every URL (e.g. a weight update), one after the other."""

@@ -124,11 +124,26 @@ def test_response_starts_and_top_k(server, seqs, model_dir):
 
 
 def test_round_robin_over_urls(server, seqs, clean, proxy_factory):
+    """Equal servers share the work; one at a time, they alternate exactly."""
     a, b = proxy_factory(), proxy_factory()
     with fast_client([a.url, b.url]) as c:
         out = c.score(seqs, batch_size=2)
-    assert a.count() == 3 and b.count() == 3
+    assert a.count() + b.count() == 6 and min(a.count(), b.count()) >= 2
     assert close(out, clean)
+    with fast_client([a.url, b.url], max_in_flight=1) as c:
+        assert close(c.score(seqs, batch_size=2), clean)
+    assert a.count() == 6 and b.count() == 6
+
+
+def test_a_slow_replica_gets_less(server, seqs, clean, proxy_factory):
+    """Each request goes to the server with the fewest in flight: a replica 10x slower
+    gets a small share instead of round robin's half."""
+    slow = proxy_factory(lambda n, m, p: ("sleep", 0.3))
+    fast = proxy_factory()
+    with fast_client([slow.url, fast.url], max_in_flight=4) as c:
+        out = c.score(seqs, batch_size=1)  # 12 requests
+    assert close(out, clean)
+    assert slow.count() + fast.count() == 12 and slow.count() <= 4, (slow.count(), fast.count())
 
 
 def test_a_dead_replica_is_skipped_then_retried(server, seqs, clean, proxy_factory):
