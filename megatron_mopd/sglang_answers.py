@@ -10,6 +10,7 @@ else gets the full decoding and the entry-by-entry check (`check_scored`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -62,12 +63,24 @@ def check_scoring_answer(
     answer = decode_answer(resp)
     if not isinstance(answer, list) or len(answer) != n:
         check_item(answer, url, label, 0, n)  # raises, naming what came instead
-    return [
+    out = [
         check_scored(
             answer[j], url, label, j, first_index + j, seqs[j], sent_start, starts[j], top_k
         )
         for j in range(n)
     ]
+    if url not in _SLOW_LAYOUT_SEEN:  # a good answer the fast path could not take: say so
+        _SLOW_LAYOUT_SEEN.add(url)
+        log.warning(
+            "%s: scoring answers are not in SGLang's compact JSON layout; they are checked "
+            "entry by entry, at ~3x the client's CPU (fine for correctness)",
+            url,
+        )
+    return out
+
+
+_SLOW_LAYOUT_SEEN: set[str] = set()  # servers already warned about (once per process)
+log = logging.getLogger(__name__)
 
 
 def check_item(answer: Any, url: str, label: str, j: int, n: int) -> dict:

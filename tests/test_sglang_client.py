@@ -412,6 +412,26 @@ def test_bulk_check_names_the_first_bad_token(bad, needle):
     assert len(check_scored(item, "http://u", "req", 0, 42, ids, 9, 20, 0).logprobs) == 280
 
 
+def test_a_server_off_the_fast_path_is_named_once(server, seqs, clean, proxy_factory, caplog):
+    """Answers the fast path does not take (here: token texts in the third fields, as
+    with `return_text_in_logprobs`) are right but slower to check: one warning names
+    the server, however many answers it sends."""
+
+    def with_texts(body):
+        for item in body:
+            for e in item["meta_info"]["input_token_logprobs"]:
+                e[2] = "t"
+        return body
+
+    proxy = proxy_factory(lambda n, m, p: ("mutate", with_texts))
+    with caplog.at_level("WARNING", logger="megatron_mopd.sglang_answers"):
+        with fast_client([proxy.url], max_in_flight=1) as c:
+            out = c.score(seqs, batch_size=3)  # 4 answers
+    assert [o.logprobs for o in out] == [o.logprobs for o in clean]
+    warned = [r.getMessage() for r in caplog.records if "compact JSON layout" in r.getMessage()]
+    assert len(warned) == 1 and proxy.url in warned[0]
+
+
 def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
     """Answers of `mopd serve` (orjson, like SGLang) are decoded by the fast path, with and
     without top-k, and give exactly what the full decoding gives."""
