@@ -51,7 +51,6 @@ to a forward pass. Fault injection for tests lives in the tests (a flaky proxy),
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import socket
@@ -61,7 +60,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from megatron_mopd.http_pool import dumps_json
+from megatron_mopd.http_pool import dumps_json, loads_json
 from megatron_mopd.server_protocol import BadRequest, Item, parse_generate, run_batch
 from megatron_mopd.sglang_client import gc_paused
 from megatron_mopd.types import SamplingParams
@@ -214,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             return {}
         try:
             with gc_paused():
-                return _loads(raw)
+                return loads_json(raw)
         except ValueError as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
 
@@ -240,15 +239,6 @@ class _HTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     app: SGLangCompatibleServer
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        import orjson
-
-        return orjson.loads(raw)
-    except ImportError:  # pragma: no cover - orjson is normally present
-        return json.loads(raw)
 
 
 class SGLangCompatibleServer:

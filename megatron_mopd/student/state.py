@@ -199,11 +199,12 @@ def _check_resumable_layout(info: dict[str, Any], in_dir: str) -> None:
     """A dp_reshardable optimizer state resumes only at the TP/PP/EP it was saved at."""
     if not info.get("distributed_optimizer") or info.get("optimizer_format") != "dp_reshardable":
         return
-    if info.get("model_layout") == _model_layout():
+    layout = _model_layout()
+    if info.get("model_layout") == layout:
         return
     names = ("TP", "PP", "EP", "expert TP")
     saved = " ".join(f"{n}{v}" for n, v in zip(names, info.get("model_layout") or []))
-    now = " ".join(f"{n}{v}" for n, v in zip(names, _model_layout()))
+    now = " ".join(f"{n}{v}" for n, v in zip(names, layout))
     raise UserError(
         f"training checkpoint {in_dir}: its optimizer state was saved with "
         f"checkpoint.optimizer_format=dp_reshardable at {saved}, which resumes only at "
