@@ -154,9 +154,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    import torch
-    from safetensors import safe_open
-
     from megatron_mopd.tiny import make_tiny_hf_model
 
     work = args.keep or tempfile.mkdtemp(prefix="bench-convert-")
@@ -167,15 +164,7 @@ def main() -> None:
         t = time.perf_counter()
         make_tiny_hf_model("qwen3_moe", hf, seed=0, vocab_size=args.vocab, **model_overrides(args))
         print(f"built the model in {time.perf_counter() - t:.1f} s: {hf}", flush=True)
-    numel = model_bytes = 0
-    with safe_open(os.path.join(hf, "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            t = f.get_slice(name)
-            n = 1
-            for d in t.get_shape():
-                n *= d
-            numel += n
-            model_bytes += n * torch.finfo(torch.float32).bits // 8
+    numel, model_bytes = model_size(hf)
     print(f"model: {numel / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB (fp32)", flush=True)
 
     py = sys.executable
@@ -191,6 +180,35 @@ def main() -> None:
     shard = f"{args.small_shard_mb}MB"
     runs[f"  shards {shard}"] = measure([*to_hf, back, "--max-shard-size", shard])
 
+    figures = {"parameters": numel, "model_bytes": model_bytes, **report(base, runs, model_bytes)}
+    print(
+        f"\non disk: HF {folder_bytes(hf) / 2**20:.0f} MiB, Megatron {folder_bytes(mcore) / 2**20:.0f} MiB,"
+        f" HF again {folder_bytes(back) / 2**20:.0f} MiB"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def model_size(hf: str) -> tuple[int, int]:
+    """(parameters, fp32 bytes) of the HF folder's model.safetensors."""
+    from safetensors import safe_open
+
+    numel = 0
+    with safe_open(os.path.join(hf, "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            n = 1
+            for d in f.get_slice(name).get_shape():
+                n *= d
+            numel += n
+    return numel, 4 * numel
+
+
+def report(base: dict, runs: dict, model_bytes: int) -> dict:
+    """Print the table of runs against the imports-only baseline; returns the figures."""
+
     def x(v: float | None) -> str:
         return "   n/a" if v is None else f"{v / model_bytes:5.2f}x"
 
@@ -202,7 +220,7 @@ def main() -> None:
         "direction      wall s   peak RSS (x model)  peak PSS (x model)  largest-process HWM"
         "   above baseline: HWM   PSS"
     )
-    figures = {"parameters": numel, "model_bytes": model_bytes, "baseline": base}
+    figures = {"baseline": base}
     for name, r in runs.items():
         above_hwm = r["hwm_largest"] - base["hwm_largest"]
         above_pss = r["peak_pss_tree"] - base["peak_pss_tree"]
@@ -214,15 +232,7 @@ def main() -> None:
             f"      {x(above_hwm)} {x(above_pss)}"
         )
         figures[name] = r
-    print(
-        f"\non disk: HF {folder_bytes(hf) / 2**20:.0f} MiB, Megatron {folder_bytes(mcore) / 2**20:.0f} MiB,"
-        f" HF again {folder_bytes(back) / 2**20:.0f} MiB"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    return figures
 
 
 if __name__ == "__main__":
