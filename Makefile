@@ -6,10 +6,19 @@ PIP := $(VENV)/bin/pip
 # The CPU torch wheel lies in /opt/wheels on these machines; pip finds it by version.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
+# real SGLang 0.5.23 for CPU, in an environment of its own (tools/install_sglang_cpu.sh)
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+SGLANG_INPUTS := tools/install_sglang_cpu.sh $(wildcard patches/sglang_cpu/*.txt patches/sglang_cpu/*.in patches/sglang_cpu/*.py patches/sglang_cpu/sgl_kernel/*.py)
 
-.PHONY: demo ablation test test-all lint format clean install
+.PHONY: demo demo-sglang ablation test test-all lint format clean install sglang
 
 install: $(STAMP)
+
+sglang: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): $(SGLANG_INPUTS)
+	bash tools/install_sglang_cpu.sh $(SGLANG_VENV)
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +34,12 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd ablation
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# the SGLang tests need the real server: MOPD_REQUIRE_SGLANG turns their skip into a failure
+test: $(STAMP) $(SGLANG_STAMP)
+	MOPD_REQUIRE_SGLANG=1 $(PY) -m pytest -q
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu"
+test-all: $(STAMP) $(SGLANG_STAMP)
+	MOPD_REQUIRE_SGLANG=1 $(PY) -m pytest -q -m "not gpu"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_mopd patches tools tests examples
@@ -40,4 +50,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix megatron_mopd patches tools tests examples
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SGLANG_VENV) runs .pytest_cache

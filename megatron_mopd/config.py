@@ -184,7 +184,17 @@ class RolloutConfig:
     # this host's name) and every server's TP ranks (`server_tp_size` per server)
     weight_sync_address: str | None = None
     weight_sync_port: int = 29650
+    # the broadcast group's backend: nccl (GPUs) or gloo (CPU tensors); auto = nccl with CUDA
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
     server_tp_size: int = 1
+    # tensor and distributed sync: weights go in buckets of at most this many MiB (a larger
+    # tensor is a bucket of its own), each gathered from the TP/PP/EP shards when it is sent
+    weight_sync_bucket_mb: float = 512.0
+    # after an update, how long SGLang may take to finish running requests before it
+    # flushes its prefix cache
+    drain_timeout_seconds: float = 60.0
+    # sglang servers started with --api-key: the environment variable holding the key
+    api_key_env: str | None = None
     # sglang backend: prompts per /generate request, backoff of the first retry (doubles
     # each time), how long to wait for GET /health_generate at start-up
     batch_size: int = 16
@@ -203,6 +213,10 @@ class RolloutConfig:
         if self.backend == "sglang" and not self.urls:
             raise ConfigError(f"{path}.urls is empty: the sglang backend needs at least one URL")
         _positive(self, "server_tp_size", path)
+        if not self.weight_sync_bucket_mb > 0:
+            raise ConfigError(
+                f"{path}.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be > 0"
+            )
         if not 0 < self.weight_sync_port < 65536:
             raise ConfigError(f"{path}.weight_sync_port={self.weight_sync_port} is not a port")
 
@@ -224,6 +238,8 @@ class TeacherConfig:
     # for GET /health_generate at start-up
     retry_backoff_seconds: float = 0.5
     startup_timeout_seconds: float = 600.0
+    # sglang servers started with --api-key: the environment variable holding the key
+    api_key_env: str | None = None
 
     def validate(self, path: str) -> None:
         if self.backend == "embedded" and not self.hf_path:
@@ -415,10 +431,32 @@ class Config:
                         f"{where}={est} needs the teacher's top-k log-probs: set "
                         f"teachers.{name}.top_k (e.g. 8) for domain {d!r}"
                     )
+        self._check_truncated_sampling()
         if not (self.model.hf_path or self.model.mcore_path):
             # with a checkpoint, the architecture is read from it and checked then
             # (student.load.resolve_model_config); the fields here are placeholders
             check_layout(self.model, self.parallel)
+
+    def _check_truncated_sampling(self) -> None:
+        """Refuse top-p / top-k sampling with importance weights: the engines' log mu
+        (SGLang's `output_token_logprobs`, the embedded engine's) is the log-prob before
+        truncation, while the tokens come from the truncated distribution, so r = pi / mu
+        would be biased. (SGLang can return its sampling mask, `return_sampling_mask`, from
+        which the truncated mu could be rebuilt; that is not implemented.)"""
+        rc = self.rollout
+        if rc.top_p >= 1.0 and rc.top_k in (-1, 0):
+            return
+        corrections = {self.loss.correction} | {
+            o.correction for o in self.loss.per_domain.values() if o.correction is not None
+        }
+        weighted = sorted(corrections - {"none"})
+        if weighted:
+            raise ConfigError(
+                f"rollout.top_p={rc.top_p} / rollout.top_k={rc.top_k} with "
+                f"loss.correction={weighted[0]}: the engine reports log mu before top-p/top-k "
+                "truncation, so the importance ratios would be biased; sample with top_p=1 and "
+                "top_k=-1, or set loss.correction=none"
+            )
 
     def teacher_for(self, domain: str) -> str:
         """The name of the teacher that scores `domain` (routing by domain)."""

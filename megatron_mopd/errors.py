@@ -26,3 +26,9 @@ class RunStopped(UserError):
     def __init__(self, message: str, reported: bool = False):
         super().__init__(message)
         self.reported = reported
+
+
+class RetryableAnswer(Exception):
+    """A well-formed server answer that says the work was not done and may be asked again
+    (SGLang's HTTP 200 with `finish_reason.type == "abort"`). Raised while reading an
+    answer; the SGLang client retries the request like a 5xx answer."""

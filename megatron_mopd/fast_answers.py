@@ -9,6 +9,9 @@ usual. The arrays, stripped of their brackets, are decoded together as one flat 
 must decode with each placeholder in its item's `meta_info`, so a cut in the wrong place
 (a key inside a string, say) is noticed.
 
+SGLang reports input ids >= vocab_size - 1 as 0 (`ids_match`): a reported 0 for a higher
+id sent is accepted, in this path and the full one.
+
 Anything unexpected (another layout, a bad value, NaN literals, ragged top-k rows)
 returns None: the caller (`sglang_answers.check_scoring_answer`) then decodes the whole
 answer and checks it entry by entry, naming what is wrong. Entry boundaries inside a row
@@ -110,6 +113,27 @@ def _cut_arrays(data: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, dict] | No
     return b"".join(parts), arrays
 
 
+def ids_match(reported: list, sent: list[int]) -> bool:
+    """True if the ids a server reported are the ids sent, allowing SGLang's clipping:
+    SGLang 0.5.23 reports every input id >= vocab_size - 1 as 0 (in
+    `logprob_result_processor.py`, meant for image-token hashes). Where ids differ, the
+    reported one must be 0 and every sent id reported as 0 must exceed every non-zero id
+    reported as itself (one threshold, vocab_size - 1, separates them)."""
+    if reported == sent:
+        return True
+    if len(reported) != len(sent):
+        return False
+    clipped, kept = [], 0
+    for r, s in zip(reported, sent):
+        if r == s:
+            kept = max(kept, s)
+        elif r == 0 and type(r) is int:
+            clipped.append(s)
+        else:
+            return False
+    return min(clipped) > kept
+
+
 def _token_logprobs(
     flat: list, seqs: list[list[int]], sent_start: int, starts: list[int]
 ) -> list[list[float]] | None:
@@ -128,7 +152,7 @@ def _token_logprobs(
         sent.append(ids[sent_start:])
     if (
         o != len(flat)
-        or flat[1::3] != list(_chain(sent))
+        or not ids_match(flat[1::3], list(_chain(sent)))
         or flat[2::3].count(None) != o // 3
         or not math.isfinite(sum(_chain(out)))
         or max(_chain(out), default=0.0) > MAX_LOGPROB

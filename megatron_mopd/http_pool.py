@@ -75,6 +75,15 @@ class Answer(NamedTuple):
     reason: str
     content_type: str
     data: bytes
+    retry_after: float | None = None  # seconds, from a `Retry-After: N` header
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds (the delta-seconds form; an HTTP date is ignored)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 class ConnectionPool:
@@ -92,7 +101,14 @@ class ConnectionPool:
     sending or reading), `OSError` or `http.client.HTTPException` (refused, dropped, ...).
     """
 
-    def __init__(self, timeout: float, connect_timeout: float, max_idle: int) -> None:
+    def __init__(
+        self, timeout: float, connect_timeout: float, max_idle: int, api_key: str | None = None
+    ) -> None:
+        """`api_key`, when given, goes with every request as `Authorization: Bearer KEY`
+        (SGLang's `--api-key`)."""
+        if api_key is not None and any(c in api_key for c in "\r\n"):
+            raise ValueError("the API key contains a line break")
+        self._headers = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
@@ -116,12 +132,18 @@ class ConnectionPool:
             conn = self._connect(base, min(self.connect_timeout, timeout))
         try:
             resp = conn.exchange(
-                method, self._prefix[base] + path, body, timeout, "application/json"
+                method, self._prefix[base] + path, body, timeout, "application/json", self._headers
             )
         except BaseException:
             conn.close()
             raise
-        answer = Answer(resp.status, resp.reason, resp.headers.get("content-type", ""), resp.data)
+        answer = Answer(
+            resp.status,
+            resp.reason,
+            resp.headers.get("content-type", ""),
+            resp.data,
+            _retry_after(resp.headers.get("retry-after")),
+        )
         if resp.will_close:
             conn.close()
         else:

@@ -72,14 +72,22 @@ class Connection:
             self.sock = None
 
     def exchange(
-        self, method: str, path: str, body: bytes | None, timeout: float, content_type: str
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float,
+        content_type: str,
+        extra_headers: str = "",
     ) -> WireAnswer:
         """Send one request and read its whole answer (the socket stays open unless the
-        answer's `will_close`; the caller closes it on any exception)."""
+        answer's `will_close`; the caller closes it on any exception). `extra_headers`
+        are whole header lines, each ending in CRLF (e.g. an `Authorization`)."""
         if self.sock is None:
             raise HTTPException("the connection is closed")
         self.sock.settimeout(timeout)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host_header}\r\nAccept: */*\r\n"
+        head += extra_headers
         if body is not None:
             head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         self.sock.sendall(head.encode("latin-1") + b"\r\n" + (body or b""))

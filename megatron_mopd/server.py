@@ -385,6 +385,8 @@ class SGLangCompatibleServer:
             "load_format": "auto",
             "has_image_understanding": False,
             "has_audio_understanding": False,
+            # sampling_seed is always applied here (SGLang: only with this server flag)
+            "enable_deterministic_inference": True,
         }
 
     def _route_generate(self, body: Any) -> tuple[int, Any]:

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_mopd.errors import TeacherError
-from megatron_mopd.fast_answers import MAX_LOGPROB, fast_scored
+from megatron_mopd.errors import RetryableAnswer, TeacherError
+from megatron_mopd.fast_answers import MAX_LOGPROB, fast_scored, ids_match
 from megatron_mopd.http_pool import Answer, decode_answer
 
 
@@ -56,13 +56,17 @@ def check_scoring_answer(
     n = len(seqs)
     fast = fast_scored(resp.data, seqs, sent_start, starts, top_k)
     if fast is not None:
-        _, logprobs, tops = fast
+        items, logprobs, tops = fast
+        for j, item in enumerate(items):
+            raise_if_aborted(item, url, label, first_index + j, "sequence")
         if tops is None:
             return [ScoredSequence(lp) for lp in logprobs]
         return [ScoredSequence(lp, *top) for lp, top in zip(logprobs, tops)]
     answer = decode_answer(resp)
     if not isinstance(answer, list) or len(answer) != n:
         check_item(answer, url, label, 0, n)  # raises, naming what came instead
+    for j, item in enumerate(answer):
+        raise_if_aborted(item, url, label, first_index + j, "sequence")
     out = [
         check_scored(
             answer[j], url, label, j, first_index + j, seqs[j], sent_start, starts[j], top_k
@@ -81,6 +85,20 @@ def check_scoring_answer(
 
 _SLOW_LAYOUT_SEEN: set[str] = set()  # servers already warned about (once per process)
 log = logging.getLogger(__name__)
+
+
+def raise_if_aborted(item: Any, url: str, label: str, index: int, what: str) -> None:
+    """`RetryableAnswer` if SGLang aborted this item: it answers HTTP 200 with
+    `finish_reason = {"type": "abort", "message": ...}` (and whatever log-probs it had) for
+    a request aborted without an HTTP status (`/abort_request`, a retraction, a weight
+    update that aborts requests); asking again is right, reading it as data is not."""
+    meta = item.get("meta_info") if isinstance(item, dict) else None
+    finish = meta.get("finish_reason") if isinstance(meta, dict) else None
+    if isinstance(finish, dict) and finish.get("type") == "abort":
+        raise RetryableAnswer(
+            f"{url}: {label}, {what} {index}: the server aborted the request "
+            f"({finish.get('message') or 'no message'})"
+        )
 
 
 def check_item(answer: Any, url: str, label: str, j: int, n: int) -> dict:
@@ -184,8 +202,7 @@ def check_generation(answer: Any, url: str, label: str, j: int, index: int, n: i
     out_ids = item.get("output_ids")
     entries = meta.get("output_token_logprobs")
     finish = meta.get("finish_reason")
-    if isinstance(finish, dict) and finish.get("type") == "abort":
-        raise TeacherError(f"{where}: the server aborted the request: {finish.get('message')}")
+    raise_if_aborted(item, url, label, index, "prompt")
     if not isinstance(finish, dict) or finish.get("type") not in ("stop", "length"):
         raise TeacherError(f"{where}: unexpected finish_reason {finish!r}")
     if not isinstance(out_ids, list) or not isinstance(entries, list):
@@ -232,7 +249,7 @@ def _fast_logprobs(entries: list, skip: int, ids: list[int], start: int) -> list
     try:
         tail = entries[skip:]
         vals = [e[0] for e in tail]
-        if [e[1] for e in tail] != ids[start:]:
+        if not ids_match([e[1] for e in tail], ids[start:]):
             return None
         if vals and not (math.isfinite(sum(vals)) and max(vals) <= MAX_LOGPROB):
             return None

@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from megatron_mopd.errors import TeacherError
+from megatron_mopd.errors import ConfigError, RetryableAnswer, TeacherError
 from megatron_mopd.http_pool import Answer, ConnectionPool, decode_answer, dumps_json, error_text
 from megatron_mopd.sglang_answers import (
     Generation,
@@ -94,6 +94,11 @@ def gc_paused():
 
 class _Cancelled(Exception):
     """Another request of the same call failed: stop retrying this one."""
+
+
+# A 429 (too many requests: sglang-router's queue is full) or 408 is worth asking again;
+# every other 4xx is a bad request that retrying cannot fix.
+RETRYABLE_4XX = (408, 429)
 
 
 class ServerSet:
@@ -176,6 +181,19 @@ class ServerSet:
                 self._probed.discard(url)
 
 
+def api_key_from_env(var: str | None, key: str) -> str | None:
+    """The API key held by environment variable `var` (config key `key` names it), or None
+    when `var` is None. The key itself never sits in a recipe."""
+    import os
+
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"{key}={var!r}: the environment variable {var} is not set (or empty)")
+    return value
+
+
 class SGLangClient:
     """HTTP client of one or several SGLang(-compatible) servers (see the module doc)."""
 
@@ -191,7 +209,10 @@ class SGLangClient:
         max_in_flight: int = 16,
         cooldown_seconds: float = 1.0,
         name: str = "sglang",
+        api_key: str | None = None,
     ) -> None:
+        """`api_key`: sent as `Authorization: Bearer KEY` on every request (servers started
+        with SGLang's `--api-key`)."""
         if not urls:
             raise TeacherError(f"{name}: no server URL given")
         self.urls = [u.rstrip("/") for u in urls]
@@ -208,8 +229,12 @@ class SGLangClient:
         self._probe_timeout = min(connect_timeout, self.timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._http = ConnectionPool(
-            self.timeout, min(connect_timeout, self.timeout), max_idle=self.max_in_flight + 4
+            self.timeout,
+            min(connect_timeout, self.timeout),
+            max_idle=self.max_in_flight + 4,
+            api_key=api_key,
         )
+        self.api_key = api_key
 
     # ---------------------------------------------------------------- plumbing
 
@@ -236,8 +261,14 @@ class SGLangClient:
         url: str | None = None,
         cancel: threading.Event | None = None,
         parse: Callable[[Answer, str], Any] | None = None,
+        refused_ok: bool = False,
     ) -> tuple[Any, str]:
         """Send one request with retries; return (decoded JSON or text, URL that answered).
+
+        Retried: connection errors, timeouts, 5xx, 408 and 429 answers (after the server's
+        `Retry-After` when it gives one) and answers whose `parse` raises `RetryableAnswer`.
+        Another 4xx raises `TeacherError`, or with `refused_ok` is returned decoded like a
+        success (for calls whose refusals the caller reads, e.g. weight updates).
 
         `url` pins the server (no round robin); otherwise each attempt takes the next URL
         that is not cooling down (`ServerSet`).
@@ -265,25 +296,35 @@ class SGLangClient:
             finally:
                 if url is None:
                     self._servers.release(target)
+            wait_hint = None  # the server's Retry-After
             if resp is not None:
                 self._servers.succeeded(target)
-                if resp.status < 400:
-                    with gc_paused():
-                        if parse is None:
-                            return decode_answer(resp), target
-                        return parse(resp, target), target
-                message = error_text(resp)
-                if resp.status < 500:
-                    raise TeacherError(
-                        f"{target}{path}: {label} was refused with HTTP {resp.status}: {message}"
-                    )
-                last = f"HTTP {resp.status}: {message}"
+                if resp.status < 400 or (refused_ok and resp.status < 500):
+                    try:
+                        with gc_paused():
+                            if parse is None:
+                                return decode_answer(resp), target
+                            return parse(resp, target), target
+                    except RetryableAnswer as e:
+                        last = str(e)
+                else:
+                    message = error_text(resp)
+                    if resp.status < 500 and resp.status not in RETRYABLE_4XX:
+                        raise TeacherError(
+                            f"{target}{path}: {label} was refused with HTTP {resp.status}: "
+                            f"{message}"
+                        )
+                    last = f"HTTP {resp.status}: {message}"
+                    wait_hint = resp.retry_after
             if down:
                 self._servers.failed(target)
             if attempt + 1 < attempts and (url or not down or not self._servers.any_available()):
                 # no backoff when the next attempt goes to another, answering server
                 delay = min(self.max_backoff_seconds, self.backoff_seconds * 2**attempt)
-                time.sleep(delay * (0.5 + random.random() / 2))
+                delay *= 0.5 + random.random() / 2
+                if wait_hint is not None:
+                    delay = min(max(delay, wait_hint), self.max_backoff_seconds)
+                time.sleep(delay)
         raise TeacherError(
             f"{last_url}{path}: {label} failed after {attempts} attempt(s) "
             f"(max_retries={self.max_retries}); last error: {last}"
@@ -345,6 +386,18 @@ class SGLangClient:
     def model_info(self, url: str | None = None) -> dict:
         """`GET /model_info` of one server (the first URL by default)."""
         info, _ = self.request("GET", "/model_info", url=url or self.urls[0], label="model_info")
+        return info
+
+    def server_info(self, url: str | None = None) -> dict:
+        """`GET /server_info` of one server (the first URL by default; `/get_server_info`,
+        its deprecated name, where that is missing): SGLang's server arguments
+        (`enable_deterministic_inference`, `tp_size`, `dtype`, ...)."""
+        url = url or self.urls[0]
+        info, _ = self.request("GET", "/server_info", url=url, label="server_info", refused_ok=True)
+        if not isinstance(info, dict) or set(info) <= {"detail", "error"}:
+            info, _ = self.request("GET", "/get_server_info", url=url, label="get_server_info")
+        if not isinstance(info, dict):
+            raise TeacherError(f"{url}/server_info: not a JSON object")
         return info
 
     def _map(

@@ -9,19 +9,25 @@ of every TP/PP/EP rank); the engine lives on the driver (global rank 0), other r
 | engine | `weight_sync` | what happens |
 | --- | --- | --- |
 | embedded | (any) | HF-named tensors gathered to rank 0 and copied into the engine's model in memory |
-| sglang | `disk` | an HF folder written atomically to `RUN_DIR/weights/step_N` (temp dir + rename), then `POST /update_weights_from_disk`; older folders are removed |
-| sglang | `tensor` | `engine.update_weights_from_tensor(named_tensors, version)` (same-node, GPU) |
-| sglang | `distributed` | `engine.update_weights_from_distributed(named_tensors, version)` (NCCL broadcast into the servers, GPU; `rollout.build_rollout_engine` calls `engine.init_weights_update_group(...)` once at start-up, from `rollout.weight_sync_address/_port/server_tp_size`) |
+| sglang | `disk` | an HF folder written atomically to `RUN_DIR/weights/step_N` (temp dir + rename), streamed one tensor at a time, then `POST /update_weights_from_disk`; older folders are removed |
+| sglang | `tensor` | buckets of HF-named tensors handed over in memory (`update_weights_from_tensor`: same node; CPU shared memory here, CUDA IPC on GPUs) |
+| sglang | `distributed` | buckets broadcast as flat tensors into the servers (`update_weights_from_distributed`, over the group `rollout.factory.build_rollout_engine` formed at start-up: gloo here, NCCL on GPUs) |
 
-The `tensor` and `distributed` paths need CUDA and SGLang servers, so they are written
-against the SGLang engine's client methods but are not exercised on CPU machines. For the
-`disk` path the run directory must be visible to the servers (a shared filesystem).
+Buckets (`rollout.weight_sync_bucket_mb`, default 512 MiB): the export gathers one HF
+tensor at a time from its TP/PP/EP shards onto rank 0 (`convert.hf.export_hf_state_dict`);
+`buckets` groups them as they come and each bucket is sent before the next is gathered,
+so rank 0 holds at most one bucket (plus its serialised or flattened copy), never the
+whole model. A tensor larger than the bucket size is a bucket of its own.
+
+Measured against real SGLang on CPU (`tools/bench_weight_sync.py`): see the README. For
+the `disk` path the run directory must be visible to the servers (a shared filesystem).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from megatron_mopd.errors import ConfigError
@@ -98,18 +104,40 @@ def sync_weights(
             engine.update_weights_from_disk(path, version)
             _remove_old_exports(os.path.dirname(path), step, keep_last)
         return version
-    if mode == "tensor":  # GPU-only (same-node CUDA IPC): not exercised on CPU machines
-        named = list(tensors)
-        if is_driver:
-            _client_method(engine, "update_weights_from_tensor")(named, version)
+    if mode not in ("tensor", "distributed"):
+        raise ConfigError(f"rollout.weight_sync={mode!r} is not supported")
+    bucketed = buckets(tensors, int(cfg.rollout.weight_sync_bucket_mb * 2**20))
+    if not is_driver:
+        for _ in bucketed:  # take part in the collective export
+            pass
         return version
-    if mode == "distributed":  # GPU-only (NCCL group with the servers): not exercised on CPU
-        # the group was formed at start-up (rollout.factory.build_rollout_engine)
-        named = list(tensors)
-        if is_driver:
-            _client_method(engine, "update_weights_from_distributed")(named, version)
-        return version
-    raise ConfigError(f"rollout.weight_sync={mode!r} is not supported")
+    try:
+        if mode == "tensor":
+            send = _client_method(engine, "update_weights_from_tensor")
+            send(bucketed, version, tp_size=cfg.rollout.server_tp_size)
+        else:  # the group was formed at start-up (rollout.factory.build_rollout_engine)
+            _client_method(engine, "update_weights_from_distributed")(bucketed, version)
+    finally:
+        for _ in bucketed:  # finish the collective export if the engine stopped early
+            pass
+    return version
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int):
+    """Group `(name, tensor)` pairs, in order, into lists of at most `max_bytes` (a tensor
+    larger than that alone); each list is yielded as soon as it is full, so only one is
+    held at a time when `named` is a generator."""
+    bucket: list = []
+    size = 0
+    for name, t in named:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
 
 
 def _client_method(engine: Any, name: str):

@@ -118,11 +118,31 @@ def start_router(worker_urls: list[str], log_path: str) -> tuple[Proc | None, st
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", 60, proc.p)
+        wait_routable(url, 90)
     except (RuntimeError, TimeoutError) as e:
         out = proc.output()[-500:]
         proc.stop()
         return None, f"sglang-router did not start: {e}; output: {out}"
     return proc, url
+
+
+def wait_routable(url: str, deadline_s: float) -> None:
+    """Until a router passes a one-token scoring request to a worker: it answers 503
+    ("no available workers") until its health checks of the workers have passed, which
+    against real SGLang (whose GET /health runs a generation) takes a few seconds."""
+    body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 0}}
+    end = time.monotonic() + deadline_s
+    last = "no answer"
+    while time.monotonic() < end:
+        try:
+            r = httpx.post(url + "/generate", json=body, timeout=30)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} routed no request within {deadline_s} s ({last})")
 
 
 class InProcessServer:
@@ -152,7 +172,8 @@ class FlakyProxy:
     """An HTTP proxy to `target` that misbehaves on purpose, request by request.
 
     `plan(n, method, path)` is called for the n-th request (from 0) and returns
-    None/"pass" (forward), "500" (answer 500), "drop" (close the connection without an
+    None/"pass" (forward), "500" (answer 500), "429" (answer 429 with `Retry-After: 0`, as
+    sglang-router does when its queue is full), "drop" (close the connection without an
     answer), ("sleep", seconds) (wait, then forward) or ("mutate", fn) (forward, then
     answer `fn(json_body)` serialised with stdlib json, so NaN/Infinity literals appear).
     `seen` records (method, path, body) of every request.
@@ -193,14 +214,17 @@ class FlakyProxy:
                 if action == "500":
                     self._reply(500, b'{"error": {"message": "injected failure"}}')
                     return
+                if action == "429":
+                    self._reply(429, b'{"error": {"message": "queue full"}}', {"Retry-After": "0"})
+                    return
                 if isinstance(action, tuple) and action[0] == "sleep":
                     time.sleep(action[1])
+                headers = {"Content-Type": "application/json"} if raw else {}
+                if self.headers.get("Authorization"):
+                    headers["Authorization"] = self.headers["Authorization"]
                 try:
                     resp = proxy._http.request(
-                        method,
-                        proxy.target + self.path,
-                        content=raw or None,
-                        headers={"Content-Type": "application/json"} if raw else None,
+                        method, proxy.target + self.path, content=raw or None, headers=headers
                     )
                 except RuntimeError:  # stopped meanwhile (a client that timed out left)
                     self.close_connection = True
@@ -210,9 +234,11 @@ class FlakyProxy:
                     body = json.dumps(action[1](resp.json())).encode()
                 self._reply(resp.status_code, body)
 
-            def _reply(self, status: int, body: bytes) -> None:
+            def _reply(self, status: int, body: bytes, extra: dict | None = None) -> None:
                 try:
                     self.send_response(status)
+                    for k, v in (extra or {}).items():
+                        self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()

@@ -139,7 +139,8 @@ def test_server_path_matches_and_refuses(toks):
         body = good.requests[-1]
         assert body["sampling_params"]["max_new_tokens"] == 0
         assert body["return_logprob"] is True and body["logprob_start_len"] == 0
-        assert body["text"] == probe_strings(toks["student"])
+        # one probe per request, `text` a string (sglang-router refuses a list with 422)
+        assert [r["text"] for r in good.requests] == probe_strings(toks["student"])
 
         with pytest.raises(TokenizerMismatchError) as e:
             check_server_tokenizer(

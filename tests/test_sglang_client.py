@@ -510,32 +510,12 @@ def test_connections_are_kept_alive_and_stale_ones_dropped(close_after):
 # ----------------------------------------------------------------------------- GPU paths
 
 
-def test_update_weights_from_tensor_request_shape(server, proxy_factory):
-    """The tensor path's request as SGLang expects it (base64 payload per TP rank). The
-    server here does not implement the endpoint (CPU): it must be refused loudly."""
-    import base64
-
-    import torch
-
-    proxy = proxy_factory()
-    cfg = RolloutConfig(backend="sglang", urls=[proxy.url], retry_backoff_seconds=0.01)
-    engine = SGLangRolloutEngine(cfg, wait=False)
-    try:
-        with pytest.raises(TeacherError, match="HTTP 404"):
-            engine.update_weights_from_tensor([("lm_head.weight", torch.zeros(2, 2))], "v3", 2)
-        (method, path, body), *_ = [x for x in proxy.seen if x[1] != "/workers"]
-        assert path == "/update_weights_from_tensor" and body["weight_version"] == "v3"
-        assert len(body["serialized_named_tensors"]) == 2
-        base64.b64decode(body["serialized_named_tensors"][0], validate=True)
-    finally:
-        engine.close()
-
-
 @pytest.mark.gpu
 def test_weight_sync_against_real_sglang():
     """On a GPU node: MOPD_SGLANG_URL points at a real SGLang server of MOPD_SGLANG_MODEL.
-    Exercises update_weights_from_tensor and the NCCL init + update_weights_from_distributed
-    path end to end (untested on CPU machines)."""
+    Exercises update_weights_from_tensor with CUDA IPC handles and the NCCL init +
+    update_weights_from_distributed path end to end (on CPU, tests/test_real_weight_sync.py
+    runs both against real SGLang with shared memory and gloo)."""
     import os
 
     import torch
@@ -548,12 +528,12 @@ def test_weight_sync_against_real_sglang():
     hf = transformers.AutoModelForCausalLM.from_pretrained(model).cuda()
     engine = SGLangRolloutEngine(RolloutConfig(backend="sglang", urls=[url]))
     named = [(n, p.detach()) for n, p in hf.named_parameters()]
-    engine.update_weights_from_tensor(named, "tensor-1")
+    engine.update_weights_from_tensor([named], "tensor-1")
     assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].weight_version == (
         "tensor-1"
     )
-    engine.init_weights_update_group("127.0.0.1", 29555)
-    engine.update_weights_from_distributed(named, "nccl-1")
+    engine.init_weights_update_group("127.0.0.1", 29555, backend="nccl")
+    engine.update_weights_from_distributed([named], "nccl-1")
     assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].weight_version == (
         "nccl-1"
     )

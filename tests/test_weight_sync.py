@@ -42,9 +42,10 @@ def test_sync_weights_embedded_and_disk(tmp_path):
 
 
 def test_distributed_sync_forms_its_group_at_start_up(monkeypatch):
-    """`rollout.weight_sync=distributed`: building the SGLang engine forms the NCCL group
-    once, with the configured address, port and server TP size (the NCCL broadcast itself
-    needs GPUs and is not run here)."""
+    """`rollout.weight_sync=distributed`: building the SGLang engine forms the broadcast
+    group once, with the configured address, port, server TP size and backend (gloo
+    without CUDA; the broadcast itself runs against real SGLang in
+    test_real_weight_sync.py)."""
     import megatron_mopd.rollout.sglang as sglang_rollout
     from megatron_mopd.config import load_config
     from megatron_mopd.rollout.factory import build_rollout_engine
@@ -55,15 +56,15 @@ def test_distributed_sync_forms_its_group_at_start_up(monkeypatch):
         def __init__(self, rc):
             self.urls = rc.urls
 
-        def init_weights_update_group(self, address, port, ranks_per_server=1):
-            calls.append((address, port, ranks_per_server))
+        def init_weights_update_group(self, address, port, ranks_per_server=1, backend=None):
+            calls.append((address, port, ranks_per_server, backend))
 
     monkeypatch.setattr(sglang_rollout, "SGLangRolloutEngine", FakeEngine)
     rollout = ["rollout.backend=sglang", "rollout.urls=[http://a:1,http://b:1]"]
     dist_keys = ["rollout.weight_sync_address=10.0.0.1", "rollout.server_tp_size=2"]
     for sync, extra, want in (
         ("disk", [], []),
-        ("distributed", dist_keys, [("10.0.0.1", 29650, 2)]),
+        ("distributed", dist_keys, [("10.0.0.1", 29650, 2, "gloo")]),  # auto: no CUDA here
     ):
         calls.clear()
         cfg = load_config(None, [*rollout, f"rollout.weight_sync={sync}", *extra])

@@ -247,11 +247,17 @@ def _check_embedded_teacher(name: str, tcfg: Any, student_tok: Any) -> str | tup
 
 
 def _check_server(
-    url: str, name: str, label: str, student_tok: Any, timeout: float, wait: float
+    url: str,
+    name: str,
+    label: str,
+    student_tok: Any,
+    timeout: float,
+    wait: float,
+    api_key: str | None = None,
 ) -> str | tuple[Status, str]:
     from megatron_mopd.teachers.preflight import check_server_tokenizer, server_status
 
-    info = server_status(url, timeout, wait_seconds=wait)
+    info = server_status(url, timeout, wait_seconds=wait, api_key=api_key)
     if info.get("is_generation") is False:
         raise UserError(f"{label} {name!r} at {url} serves a non-generative model")
     what = (
@@ -260,7 +266,9 @@ def _check_server(
     )
     if student_tok is None:
         return "OK", f"{what}; tokenizer not compared (no student tokenizer)"
-    how = check_server_tokenizer(student_tok, url, name, info, label=label, timeout=timeout)
+    how = check_server_tokenizer(
+        student_tok, url, name, info, label=label, timeout=timeout, api_key=api_key
+    )
     return f"{what}; {how}"
 
 
@@ -268,11 +276,20 @@ def _check_teacher_server(
     url: str, name: str, tcfg: Any, student_tok: Any, wait: float
 ) -> str | tuple[Status, str]:
     """`_check_server` for a teacher; a failure also names the domains it scores."""
+    from megatron_mopd.sglang_client import api_key_from_env
+
     try:
-        return _check_server(url, name, "teacher", student_tok, tcfg.timeout_seconds, wait)
+        key = api_key_from_env(tcfg.api_key_env, f"teachers.{name}.api_key_env")
+        return _check_server(url, name, "teacher", student_tok, tcfg.timeout_seconds, wait, key)
     except UserError as e:
         domains = ", ".join(map(repr, tcfg.domains)) or "none (the default teacher)"
         raise type(e)(f"{e} (the teacher of domain(s) {domains})") from None
+
+
+def _rollout_api_key(cfg: Any) -> str | None:
+    from megatron_mopd.sglang_client import api_key_from_env
+
+    return api_key_from_env(cfg.rollout.api_key_env, "rollout.api_key_env")
 
 
 def _check_servers(
@@ -316,6 +333,7 @@ def _check_servers(
                     student_tok,
                     cfg.rollout.timeout_seconds,
                     wait(cfg.rollout.startup_timeout_seconds),
+                    _rollout_api_key(cfg),
                 ),
             )
     elif cfg.model.hf_path:

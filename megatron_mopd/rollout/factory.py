@@ -9,14 +9,23 @@ from megatron_mopd.errors import ConfigError
 from megatron_mopd.rollout.base import RolloutEngine
 
 
+def weight_sync_backend(setting: str) -> str:
+    """`rollout.weight_sync_backend` resolved: `auto` is nccl with CUDA, gloo without."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngine:
     """The engine of `rollout.backend`, imported lazily.
 
     `embedded` loads the student from `hf_path` (default `model.hf_path`): a student built
     from a Megatron checkpoint or at random must first be exported to an HF folder (see
     `weight_sync`), whose path is passed here. `sglang` talks to `rollout.urls`; with
-    `rollout.weight_sync=distributed` it also forms the NCCL weight-update group with the
-    servers (GPU only).
+    `rollout.weight_sync=distributed` it also forms the weight-update group with the
+    servers (`rollout.weight_sync_backend`).
     """
     if cfg.rollout.backend == "embedded":
         from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
@@ -33,12 +42,18 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
 
         engine = SGLangRolloutEngine(cfg.rollout)
         if cfg.rollout.weight_sync == "distributed":
-            # UNTESTED HERE (GPU only): the servers join the NCCL group now, once
+            # the servers join the broadcast group now, once (gloo: tested against real
+            # SGLang on CPU; NCCL: GPU clusters, untested here)
             rc = cfg.rollout
-            engine.init_weights_update_group(
-                rc.weight_sync_address or socket.getfqdn(),
-                rc.weight_sync_port,
-                ranks_per_server=rc.server_tp_size,
-            )
+            try:
+                engine.init_weights_update_group(
+                    rc.weight_sync_address or socket.getfqdn(),
+                    rc.weight_sync_port,
+                    ranks_per_server=rc.server_tp_size,
+                    backend=weight_sync_backend(rc.weight_sync_backend),
+                )
+            except BaseException:
+                engine.close()
+                raise
         return engine
     raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not supported")

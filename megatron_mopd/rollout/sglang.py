@@ -7,39 +7,61 @@
 Sampling posts `/generate` with `return_logprob: true` and `logprob_start_len: -1`, so
 each answer carries `meta_info.output_token_logprobs` = log mu of every sampled token
 (stop token included). SGLang scales those log-probs by the temperature unless it runs
-with `SGLANG_RETURN_ORIGINAL_LOGPROB=1` (SGLANG_API.md): MOPD samples at temperature 1
-(`rollout.temperature` refuses anything else), where both agree. A seeded call sends
-per-prompt `sampling_seed`s derived from `SamplingParams.seed` (the same derivation as
-the embedded engine), so repeated prompts get different samples.
+with `SGLANG_RETURN_ORIGINAL_LOGPROB=1`: MOPD samples at temperature 1
+(`rollout.temperature` refuses anything else), where both agree. SGLang takes log mu
+before top-p / top-k truncation, so those are refused with importance weights
+(`config.Config.validate`). An aborted generation (HTTP 200 with an abort finish reason)
+is asked again (`SGLangClient`).
 
-Weight sync, three ways:
-- `update_weights_from_disk(hf_dir, version)`: every URL reloads an HF folder (shared
-  filesystem). Works, and is tested here against `mopd serve`.
-- `update_weights_from_tensor(named_tensors, version)`: same-node CUDA IPC handles
-  (`/update_weights_from_tensor`). **Written for GPU clusters; untested here.**
-- `init_weights_update_group(...)` then `update_weights_from_distributed(named_tensors,
-  version)`: the trainer joins an NCCL group with the servers' ranks as rank 0 and
-  broadcasts each tensor while the servers receive it (`/init_weights_update_group`,
-  `/update_weights_from_distributed`). **Written for GPU clusters; untested here**
-  (needs SGLang on GPUs; its tests are marked `gpu`).
+Seeds: SGLang 0.5.23 honours `sampling_seed` only when the server runs with
+`--enable-deterministic-inference` (which needs a CUDA attention backend: on CPU SGLang
+refuses it). The engine reads that setting from `GET /get_server_info` once. When seeds
+are honoured, each prompt goes as its own request with its own seed (derived from
+`SamplingParams.seed` as the embedded engine derives it; sglang-router accepts only one
+`sampling_params` object per request) and the servers batch concurrent requests; when
+they are ignored, prompts go `rollout.batch_size` per request without seeds, and the
+engine says once that rollouts are not reproducible.
 
-With one sglang-router URL, sampling goes through the router, while weight updates and
-`/model_info` go to every worker: sglang-router 0.3.2 does not forward those endpoints,
-so the workers are read from the router's `GET /workers` (or given as `worker_urls`).
+Weight sync, three ways, each to every worker (behind a router: the workers it lists in
+`GET /workers`, since sglang-router 0.3.2 forwards no weight endpoint):
+- `update_weights_from_disk(hf_dir, version)`: every worker reloads an HF folder (a shared
+  filesystem). Tested against real SGLang on CPU.
+- `update_weights_from_tensor(buckets, version, tp_size)`: tensors handed over in memory
+  (torch's multiprocessing pickling: CUDA IPC handles on GPU, shared-memory files for CPU
+  tensors), one serialised payload per server TP rank, one request per bucket, inside
+  `/begin_weight_update` ... `/end_weight_update`. Tested against real SGLang on CPU
+  (TP1); the CUDA IPC path is untested here.
+- `init_weights_update_group(...)` once, then `update_weights_from_distributed(buckets,
+  version)`: the trainer is rank 0 of a process group with every server's TP ranks and
+  broadcasts each bucket as one flat tensor (`load_format: flattened_bucket`), inside
+  `/begin_weight_update` ... `/end_weight_update`. Tested against real SGLang on CPU with
+  the gloo backend; NCCL on GPUs is untested here.
+
+Every update is sent with `flush_cache: false`; the prefix cache is flushed afterwards with
+`POST /flush_cache?timeout=T`, which SGLang defers until its queue has drained (an update
+sent with `flush_cache: true` while requests run is refused with HTTP 400 after the weights
+changed). Servers started with `--api-key` are reached with the key of the environment
+variable `rollout.api_key_env`.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from megatron_mopd.config import RolloutConfig
 from megatron_mopd.errors import TeacherError, UserError
 from megatron_mopd.rollout.base import RolloutEngine
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang_client import SGLangClient, api_key_from_env
 from megatron_mopd.types import Rollout, SamplingParams
+
+NamedTensors = list[tuple[str, Any]]
 
 
 def _request_seeds(seed: int, n: int) -> list[int]:
@@ -62,11 +84,13 @@ class SGLangRolloutEngine(RolloutEngine):
         """Sample through `cfg.urls`; weight updates go to `worker_urls` (default: the
         URLs themselves, or the workers behind a router, from its `GET /workers`)."""
         self.cfg = cfg
+        self._api_key = api_key_from_env(cfg.api_key_env, "rollout.api_key_env")
         self.client = client or self._client(cfg.urls)
         self._workers = self._client(worker_urls) if worker_urls else None
         self._version: str | None = None
         self._group = None
         self._group_name: str | None = None
+        self._seeds_honoured: bool | None = None
         if wait:
             try:
                 self.client.wait_healthy(cfg.startup_timeout_seconds)
@@ -81,6 +105,7 @@ class SGLangRolloutEngine(RolloutEngine):
             backoff_seconds=self.cfg.retry_backoff_seconds,
             max_in_flight=self.cfg.max_in_flight,
             name="rollout",
+            api_key=self._api_key,
         )
 
     @property
@@ -90,6 +115,26 @@ class SGLangRolloutEngine(RolloutEngine):
             info = self.workers.model_info()
             self._version = str(info.get("weight_version"))
         return self._version
+
+    # ---------------------------------------------------------------- sampling
+
+    def seeds_honoured(self) -> bool:
+        """True if the servers apply `sampling_seed` (`enable_deterministic_inference` in
+        the first worker's `GET /get_server_info`; a server without that field, such as
+        `mopd serve`, is taken at its word that it samples reproducibly)."""
+        if self._seeds_honoured is None:
+            info = self.workers.server_info()
+            self._seeds_honoured = bool(info.get("enable_deterministic_inference", True))
+            if not self._seeds_honoured:
+                print(
+                    "rollout engine: the SGLang servers ignore sampling_seed (they run without "
+                    "--enable-deterministic-inference, which needs a CUDA attention backend): "
+                    "rollouts are not reproducible, and a resumed run samples other responses; "
+                    f"prompts go {self.cfg.batch_size} per request (rollout.batch_size)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return self._seeds_honoured
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """One `Rollout` per prompt, in order, with log mu of every sampled token."""
@@ -104,13 +149,12 @@ class SGLangRolloutEngine(RolloutEngine):
             "skip_special_tokens": False,
             "no_stop_trim": True,
         }
-        if sampling.seed is None:
-            params: dict | list[dict] = base
-        else:
-            params = [
-                dict(base, sampling_seed=s) for s in _request_seeds(sampling.seed, len(prompts))
-            ]
         try:
+            if sampling.seed is None or not self.seeds_honoured():
+                params: dict | list[dict] = base
+            else:
+                seeds = _request_seeds(sampling.seed, len(prompts))
+                params = [dict(base, sampling_seed=s) for s in seeds]
             gens = self.client.generate(prompts, params, batch_size=self.cfg.batch_size)
         except TeacherError as e:
             raise TeacherError(f"rollout engine: {e}") from None
@@ -139,51 +183,40 @@ class SGLangRolloutEngine(RolloutEngine):
             self._workers = self._client(urls) if urls != self.client.urls else self.client
         return self._workers
 
+    # ---------------------------------------------------------------- weight sync
+
     def update_weights_from_disk(self, hf_dir: str, weight_version: str) -> None:
         """Every worker reloads its weights from `hf_dir` (an HF folder it can read)."""
-        body = {"model_path": hf_dir, "weight_version": weight_version, "flush_cache": True}
+        body = {"model_path": hf_dir, "weight_version": weight_version, "flush_cache": False}
         self._post_workers("/update_weights_from_disk", body)
+        self.flush_cache()
         self._version = weight_version
-
-    def flush_cache(self) -> None:
-        """Clear every worker's prefix cache."""
-        self._post_workers("/flush_cache", None)
-
-    def _post_workers(self, path: str, body: dict | None) -> list:
-        try:
-            answers = self.workers.post_all(path, body)
-        except TeacherError as e:
-            raise TeacherError(f"rollout engine: {e}") from None
-        for url, answer in zip(self.workers.urls, answers):
-            if isinstance(answer, dict) and answer.get("success") is False:
-                raise TeacherError(f"rollout engine: {url}{path} failed: {answer.get('message')}")
-        return answers
-
-    # ------------------------------------------------------------------------------
-    # GPU-cluster paths: written against sglang 0.5.23's API, untested on this machine.
 
     def update_weights_from_tensor(
         self,
-        named_tensors: Iterable[tuple[str, object]],
+        buckets: Iterable[NamedTensors],
         weight_version: str,
         tp_size: int = 1,
-        load_format: str | None = None,
     ) -> None:
-        """UNTESTED HERE (GPU only). Send CUDA tensors to servers on the same node.
+        """Hand each bucket of `(HF name, tensor)` to every worker in memory (same node).
 
-        The tensors are pickled with torch's multiprocessing reductions (CUDA IPC handles,
-        no copy) and base64-encoded, one entry per server TP rank, as
-        `/update_weights_from_tensor` expects. When sglang is installed its own
-        serializer is used, so sender and receiver agree on the encoding.
+        Each bucket is serialised once per server TP rank (`tp_size` payloads: every rank
+        deserialises only its own, as SGLang requires for CUDA IPC handles) and sent as one
+        `/update_weights_from_tensor` request, the tensors kept alive until every worker
+        has loaded them. CPU tensors go through shared-memory files (tested here against
+        real SGLang); CUDA tensors as CUDA IPC handles with device UUIDs (untested here).
         """
-        payload = _serialize_for_ipc(list(named_tensors))
-        body = {
-            "serialized_named_tensors": [payload] * tp_size,
-            "load_format": load_format,
-            "flush_cache": True,
-            "weight_version": weight_version,
-        }
-        self._post_workers("/update_weights_from_tensor", body)
+        with self._update_session():
+            for bucket in buckets:
+                payloads = [serialize_named_tensors(bucket) for _ in range(tp_size)]
+                body = {
+                    "serialized_named_tensors": payloads,
+                    "flush_cache": False,
+                    "weight_version": weight_version,
+                }
+                self._post_workers("/update_weights_from_tensor", body)
+                del payloads, bucket  # the workers hold copies now
+        self.flush_cache()
         self._version = weight_version
 
     def init_weights_update_group(
@@ -191,12 +224,20 @@ class SGLangRolloutEngine(RolloutEngine):
         master_address: str,
         master_port: int,
         ranks_per_server: int = 1,
-        group_name: str = "mopd_weight_update",
+        group_name: str | None = None,
         backend: str = "nccl",
         timeout_seconds: float = 600.0,
     ) -> None:
-        """UNTESTED HERE (GPU only). Form the broadcast group: the trainer is rank 0, server
-        `k`'s TP ranks are `1 + k * ranks_per_server ...`. Call on one trainer rank."""
+        """Form the broadcast group: this process is rank 0, server `k`'s TP ranks are
+        `1 + k * ranks_per_server ...`. Call once, on the driver. `backend` is `nccl` on
+        GPUs (untested here) or `gloo` (CPU tensors; tested against real SGLang).
+
+        SGLang waits for the group inside its scheduler loop: until this process joins
+        (or SGLang's own timeout, 30 min), the server answers nothing else, /health
+        included. A server that refuses at once (a known group name, a bad backend) is
+        reported at once. The group's name is unique to this engine (a server refuses a name it knows, e.g. that
+        of a trainer that crashed before `close` destroyed its group)."""
+        group_name = group_name or f"mopd_weight_update_{uuid.uuid4().hex[:12]}"
         n_servers = len(self.workers.urls)
         world_size = 1 + n_servers * ranks_per_server
         bodies = [
@@ -210,44 +251,154 @@ class SGLangRolloutEngine(RolloutEngine):
             }
             for k in range(n_servers)
         ]
-        # the servers block in the rendezvous until rank 0 joins: post from threads
+        # the servers block in the rendezvous until rank 0 joins: post from threads, and
+        # join the group from a thread too, so that a server refusing at once (a group of
+        # that name exists, a bad backend) is reported at once, not after the timeout
         calls = _post_each_in_threads(self.workers, "/init_weights_update_group", bodies)
-        self._group = _trainer_process_group(
-            backend, master_address, master_port, world_size, group_name, timeout_seconds
-        )
-        self._group_name = group_name
+        box: dict = {}
+
+        def join_group() -> None:
+            try:
+                box["group"] = _trainer_process_group(
+                    backend, master_address, master_port, world_size, group_name, timeout_seconds
+                )
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                box["error"] = e
+
+        joiner = threading.Thread(target=join_group, daemon=True, name="weight-sync-group")
+        joiner.start()
+        while joiner.is_alive():
+            joiner.join(0.2)
+            for url, t, answer_box in calls:
+                if not t.is_alive() and not _succeeded(answer_box):
+                    _join_calls([(url, t, answer_box)], "/init_weights_update_group")
         _join_calls(calls, "/init_weights_update_group")
+        if "error" in box:
+            raise TeacherError(
+                f"rollout engine: joining the weight-update group at {master_address}:"
+                f"{master_port} ({backend}) failed: {box['error']}"
+            )
+        self._group = box["group"]
+        self._group_name = group_name
+        self._group_backend = backend
 
     def update_weights_from_distributed(
-        self, named_tensors: Sequence[tuple[str, object]], weight_version: str
+        self, buckets: Iterable[NamedTensors], weight_version: str
     ) -> None:
-        """UNTESTED HERE (GPU only). Broadcast named tensors (on the trainer's GPU) from
-        rank 0 of the group made by `init_weights_update_group`."""
+        """Broadcast each bucket of `(HF name, tensor)` from rank 0 of the group made by
+        `init_weights_update_group`, as one flat byte tensor per bucket, while every
+        worker receives it (`load_format: flattened_bucket`)."""
+        import torch
         import torch.distributed as dist
 
         if self._group is None:
             raise UserError("call init_weights_update_group before update_weights_from_distributed")
-        body = {
-            "names": [n for n, _ in named_tensors],
-            "dtypes": [str(t.dtype).replace("torch.", "") for _, t in named_tensors],
-            "shapes": [list(t.shape) for _, t in named_tensors],
-            "group_name": self._group_name,
-            "flush_cache": True,
-            "weight_version": weight_version,
-        }
-        calls = _post_each_in_threads(
-            self.workers, "/update_weights_from_distributed", [body] * len(self.workers.urls)
-        )
-        handles = [
-            dist.broadcast(t, src=0, group=self._group, async_op=True) for _, t in named_tensors
-        ]
-        for h in handles:
-            h.wait()
-        _join_calls(calls, "/update_weights_from_distributed")
+        with self._update_session():
+            for bucket in buckets:
+                body = {
+                    "names": [n for n, _ in bucket],
+                    "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket],
+                    "group_name": self._group_name,
+                    "load_format": "flattened_bucket",
+                    "flush_cache": False,
+                    "weight_version": weight_version,
+                }
+                flat = torch.cat(
+                    [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
+                )
+                del bucket
+                if self._group_backend == "nccl" and not flat.is_cuda:
+                    flat = flat.cuda()
+                calls = _post_each_in_threads(
+                    self.workers,
+                    "/update_weights_from_distributed",
+                    [body] * len(self.workers.urls),
+                )
+                try:
+                    dist.broadcast(flat, src=0, group=self._group)
+                finally:
+                    _join_calls(calls, "/update_weights_from_distributed")
+                del flat
+        self.flush_cache()
         self._version = weight_version
 
+    def _update_session(self):
+        """`/begin_weight_update` on every worker, then `/end_weight_update` (also after a
+        failure, so that no worker is left inside a session)."""
+        engine = self
+
+        class _Session:
+            def __enter__(self) -> None:
+                engine._post_workers("/begin_weight_update", {})
+
+            def __exit__(self, exc_type, *exc: Any) -> None:
+                try:
+                    engine._post_workers("/end_weight_update", {})
+                except TeacherError:
+                    if exc_type is None:
+                        raise
+
+        return _Session()
+
+    def flush_cache(self, drain_seconds: float | None = None) -> None:
+        """Clear every worker's prefix cache, once its running and queued requests have
+        finished (SGLang defers the flush up to `drain_seconds`, default
+        `rollout.drain_timeout_seconds`)."""
+        wait = self.cfg.drain_timeout_seconds if drain_seconds is None else drain_seconds
+        deadline = time.monotonic() + wait
+        for url in self.workers.urls:
+            while True:
+                left = max(0.0, deadline - time.monotonic())
+                try:  # 200 once flushed; 400 if requests were still running at the deadline
+                    self.workers.request(
+                        "POST", f"/flush_cache?timeout={left:.3f}", None, url=url,
+                        label="flush_cache",
+                    )  # fmt: skip
+                    break
+                except TeacherError as e:
+                    if time.monotonic() >= deadline:
+                        raise TeacherError(
+                            f"rollout engine: the prefix cache was not flushed within {wait:g} s "
+                            f"(rollout.drain_timeout_seconds): {e}"
+                        ) from None
+                time.sleep(0.2)
+
+    def _post_workers(self, path: str, body: dict | None) -> list:
+        """POST to every worker; a refusal (HTTP 4xx, or `success: false`) raises
+        `TeacherError` naming the worker and SGLang's message."""
+        answers = []
+        for url in self.workers.urls:
+            try:
+                answer, _ = self.workers.request(
+                    "POST", path, body, url=url, label=f"POST {path}", refused_ok=True
+                )
+            except TeacherError as e:
+                raise TeacherError(f"rollout engine: {e}") from None
+            if not isinstance(answer, dict) or answer.get("success") is False:
+                message = answer.get("message") if isinstance(answer, dict) else answer
+                raise TeacherError(f"rollout engine: {url}{path} failed: {str(message)[:300]}")
+            answers.append(answer)
+        return answers
+
     def close(self) -> None:
-        """Close the HTTP connections."""
+        """Close the HTTP connections and the weight-update group."""
+        if self._group is not None:
+            import torch.distributed as dist
+
+            for url in self.workers.urls:  # best effort: a dead server has no group anyway
+                try:
+                    self.workers.request(
+                        "POST", "/destroy_weights_update_group", {"group_name": self._group_name},
+                        url=url, label="destroy_weights_update_group", refused_ok=True,
+                    )  # fmt: skip
+                except TeacherError:
+                    pass
+            try:
+                dist.destroy_process_group(self._group)
+            except (RuntimeError, ValueError):
+                pass
+            self._group = None
         self.client.close()
         if self._workers is not None and self._workers is not self.client:
             self._workers.close()
@@ -266,52 +417,82 @@ def _router_workers(client: SGLangClient, url: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
-# helpers of the GPU paths (untested here)
+# helpers of the in-memory paths
 
 
-def _serialize_for_ipc(named_tensors: list) -> str:
-    try:  # the receiver decodes with sglang's serializer: use the same one when present
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+def serialize_named_tensors(named: NamedTensors) -> str:
+    """`named` pickled the way SGLang's `MultiprocessingSerializer.deserialize` reads it
+    (torch's multiprocessing reductions: no tensor data in the payload), base64-encoded.
 
-        monkey_patch_torch_reductions()
-        return MultiprocessingSerializer.serialize(named_tensors, output_str=True)
-    except ImportError:
-        from multiprocessing.reduction import ForkingPickler
+    CPU tensors are moved into shared-memory files named in the payload (torch's
+    `file_system` sharing strategy: the receiver is not our child, so file descriptors
+    cannot be passed). CUDA tensors become CUDA IPC handles whose device is written as the
+    GPU's UUID, which SGLang maps back to its own device index (UNTESTED HERE).
+    """
+    from multiprocessing.reduction import ForkingPickler
 
-        import torch.multiprocessing  # noqa: F401 - registers the tensor reductions
+    import torch.multiprocessing as tmp
 
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(named_tensors)
-        return base64.b64encode(buf.getvalue()).decode()
+    buf = io.BytesIO()
+    previous = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy("file_system")
+    try:
+        pickler = ForkingPickler(buf)
+        if any(getattr(t, "is_cuda", False) for _, t in named):  # pragma: no cover - GPU only
+            pickler.dispatch_table = _cuda_uuid_dispatch(pickler.dispatch_table)
+        pickler.dump(named)
+    finally:
+        tmp.set_sharing_strategy(previous)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _cuda_uuid_dispatch(table: dict) -> dict:  # pragma: no cover - GPU only, untested here
+    """A copy of ForkingPickler's dispatch table whose tensor reduction writes the CUDA
+    device as its UUID (argument 6 of `rebuild_cuda_tensor`), as SGLang's receiver expects
+    when trainer and server see the GPUs under other indices."""
+    import torch
+    from torch.multiprocessing import reductions
+
+    def reduce_tensor(t):
+        fn, args = reductions.reduce_tensor(t)
+        if fn is reductions.rebuild_cuda_tensor:
+            device = args[6]
+            args = (*args[:6], str(torch.cuda.get_device_properties(device).uuid), *args[7:])
+        return fn, args
+
+    table = dict(table)
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        table[cls] = reduce_tensor
+    return table
 
 
 def _trainer_process_group(
     backend: str, address: str, port: int, world_size: int, group_name: str, timeout: float
 ):
     """A process group of rank 0 (this trainer process) with the servers' ranks, made
-    outside the trainer's default group (a TCP rendezvous of its own)."""
+    outside the trainer's default group. This process hosts the group's TCP store at
+    `address:port`, which the servers join (SGLang's `init_custom_process_group` does a
+    `tcp://` rendezvous). The store is made here rather than by torch's `tcp://`
+    rendezvous: under torchrun (`TORCHELASTIC_USE_AGENT_STORE`) that rendezvous makes
+    rank 0 a client of the agent's store, and no one would serve this port."""
     from datetime import timedelta
 
+    import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    store, rank, size = next(
-        c10d.rendezvous(
-            f"tcp://{address}:{port}", 0, world_size, timeout=timedelta(seconds=timeout)
-        )
-    )
-    store.set_timeout(timedelta(seconds=timeout))
+    wait = timedelta(seconds=timeout)
+    store = dist.TCPStore(address, port, world_size, is_master=True, timeout=wait)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(
-        size,
-        rank,
+        world_size,
+        0,
         [],
         c10d.Backend(backend),
         store,
         group_name=group_name,
-        timeout=timedelta(seconds=timeout),
+        timeout=wait,
     )
-    c10d._world.pg_group_ranks[pg] = {i: i for i in range(size)}
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
 
@@ -322,7 +503,9 @@ def _post_each_in_threads(client: SGLangClient, path: str, bodies: list[dict]) -
 
         def call(url=url, body=body, box=box) -> None:
             try:
-                box["answer"] = client.request("POST", path, body, label=path, url=url)[0]
+                box["answer"] = client.request(
+                    "POST", path, body, label=path, url=url, refused_ok=True
+                )[0]
             except BaseException as e:  # noqa: BLE001 - re-raised by _join_calls
                 box["error"] = e
 
@@ -332,11 +515,17 @@ def _post_each_in_threads(client: SGLangClient, path: str, bodies: list[dict]) -
     return calls
 
 
+def _succeeded(box: dict) -> bool:
+    answer = box.get("answer")
+    return "error" not in box and isinstance(answer, dict) and answer.get("success") is not False
+
+
 def _join_calls(calls: list, path: str) -> None:
     for url, t, box in calls:
         t.join()
         if "error" in box:
             raise TeacherError(f"rollout engine: {url}{path}: {box['error']}")
         answer = box.get("answer")
-        if isinstance(answer, dict) and answer.get("success") is False:
-            raise TeacherError(f"rollout engine: {url}{path} failed: {answer.get('message')}")
+        if not isinstance(answer, dict) or answer.get("success") is False:
+            message = answer.get("message") if isinstance(answer, dict) else answer
+            raise TeacherError(f"rollout engine: {url}{path} failed: {str(message)[:300]}")

@@ -15,7 +15,7 @@ token (probe, position, both ids, both token strings).
 Embedded teachers are compared directly (`AutoTokenizer` from their `hf_path`). For an
 SGLang server, `server_status(url)` calls `/health_generate` then `/model_info`; when
 the `tokenizer_path` it reports can be loaded here, the tokenizers are compared directly,
-otherwise through the server: `POST /generate` with the probes as `text`,
+otherwise through the server: one `POST /generate` per probe with it as `text`,
 `max_new_tokens: 0`, `return_logprob: true`, `logprob_start_len: 0` returns the server's
 token ids in `meta_info.input_token_logprobs` (SGLang tokenizes `text` with its default
 `add_special_tokens`, which the student side reproduces). Over HTTP the vocabulary size
@@ -191,7 +191,13 @@ def _http_error(url: str, what: str, e: Exception) -> TeacherError:
     return TeacherError(f"{url}{what}: {type(e).__name__}: {e}")
 
 
-def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) -> dict[str, Any]:
+def _auth(api_key: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+
+def server_status(
+    url: str, timeout: float = 60.0, wait_seconds: float = 0.0, api_key: str | None = None
+) -> dict[str, Any]:
     """`GET /health_generate` (must answer 200) then `GET /model_info` (`/get_model_info`
     when that is missing, as behind sglang-router); returns the latter.
 
@@ -208,7 +214,7 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
     said = False
     while True:
         try:
-            r = httpx.get(f"{base}/health_generate", timeout=http_timeout)
+            r = httpx.get(f"{base}/health_generate", timeout=http_timeout, headers=_auth(api_key))
             if r.status_code == 200:
                 break
             hint = " (the server is starting or unhealthy)" if r.status_code == 503 else ""
@@ -227,10 +233,10 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
             said = True
         time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     try:
-        r = httpx.get(f"{base}/model_info", timeout=timeout)
+        r = httpx.get(f"{base}/model_info", timeout=timeout, headers=_auth(api_key))
         if r.status_code == 404:
             # sglang-router (0.3.2) forwards only the deprecated name of this endpoint
-            r = httpx.get(f"{base}/get_model_info", timeout=timeout)
+            r = httpx.get(f"{base}/get_model_info", timeout=timeout, headers=_auth(api_key))
         r.raise_for_status()
         info = r.json()
     except (httpx.HTTPError, ValueError) as e:
@@ -240,54 +246,66 @@ def server_status(url: str, timeout: float = 60.0, wait_seconds: float = 0.0) ->
     return info
 
 
-def server_probe_ids(url: str, probes: list[str], timeout: float = 60.0) -> list[_Side]:
-    """The server's token ids (and token texts) for each probe text, via a prefill-only
-    `POST /generate` batch."""
+def server_probe_ids(
+    url: str, probes: list[str], timeout: float = 60.0, api_key: str | None = None
+) -> list[_Side]:
+    """The server's token ids (and token texts) for each probe text: one prefill-only
+    `POST /generate` per probe (`text` a string: sglang-router 0.3.2 refuses a list of
+    texts with HTTP 422)."""
     import httpx
 
     base = url.rstrip("/")
-    body = {
-        "text": probes,
-        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-        "return_text_in_logprobs": True,
-    }
-    try:
-        r = httpx.post(f"{base}/generate", json=body, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise _http_error(base, "/generate", e) from None
-    if r.status_code != 200:
-        raise TeacherError(
-            f"{base}/generate with text probes answered HTTP {r.status_code}: "
-            f"{r.text.strip()[:200]} (the server must tokenize `text` with its tokenizer)"
-        )
-    try:
-        items = r.json()
-        if isinstance(items, dict):
-            items = [items]
-        sides = []
-        for item in items:
-            entries = item["meta_info"]["input_token_logprobs"]
-            ids = [int(e[1]) for e in entries]
-            names = {int(e[1]): e[2] for e in entries if len(e) > 2 and e[2] is not None}
+    sides = []
+    with httpx.Client(timeout=timeout, headers=_auth(api_key)) as http:
+        for k, text in enumerate(probes):
+            body = {
+                "text": text,
+                "sampling_params": {
+                    "max_new_tokens": 0,
+                    "temperature": 1.0,
+                    "skip_special_tokens": False,
+                },
+                "return_logprob": True,
+                "logprob_start_len": 0,
+                "return_text_in_logprobs": True,
+            }
+            try:
+                r = http.post(f"{base}/generate", json=body)
+            except httpx.HTTPError as e:
+                raise _http_error(base, "/generate", e) from None
+            if r.status_code != 200:
+                raise TeacherError(
+                    f"{base}/generate with text probe {k} answered HTTP {r.status_code}: "
+                    f"{r.text.strip()[:200]} (the server must tokenize `text` with its tokenizer)"
+                )
+            try:
+                item = r.json()
+                if isinstance(item, list) and len(item) == 1:
+                    item = item[0]
+                entries = item["meta_info"]["input_token_logprobs"]
+                ids = [int(e[1]) for e in entries]
+                names = {int(e[1]): e[2] for e in entries if len(e) > 2 and e[2] is not None}
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise TeacherError(
+                    f"{base}/generate: malformed answer to text probe {k} "
+                    f"({type(e).__name__}: {e}); expected meta_info.input_token_logprobs of "
+                    "[logprob, token_id, text]"
+                ) from None
             sides.append(_Side(ids, names))
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise TeacherError(
-            f"{base}/generate: malformed answer to the text probes ({type(e).__name__}: {e}); "
-            "expected meta_info.input_token_logprobs of [logprob, token_id, text]"
-        ) from None
-    if len(sides) != len(probes):
-        raise TeacherError(f"{base}/generate: {len(sides)} answers for {len(probes)} text probes")
     return sides
 
 
 def compare_with_server(
-    reference: Any, url: str, name: str, label: str = "teacher", timeout: float = 60.0
+    reference: Any,
+    url: str,
+    name: str,
+    label: str = "teacher",
+    timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> None:
     """Compare the student's tokenizer with a server's, through its `/generate` endpoint."""
     probes = probe_strings(reference)
-    server = server_probe_ids(url, probes, timeout)
+    server = server_probe_ids(url, probes, timeout, api_key)
     for k, (text, other) in enumerate(zip(probes, server)):
         ids = reference(text)["input_ids"]
         ref = _Side(ids, {t: _token_str(reference, t) for t in ids})
@@ -305,6 +323,7 @@ def check_server_tokenizer(
     info: dict[str, Any],
     label: str = "teacher",
     timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> str:
     """Compare a server's tokenizer with the student's: directly when `/model_info`'s
     `tokenizer_path` loads here, else over HTTP. Returns how it was compared."""
@@ -317,7 +336,7 @@ def check_server_tokenizer(
         if other is not None:
             compare_tokenizers(reference, other, name, label=label)
             return f"tokenizer {path} read locally, matches"
-    compare_with_server(reference, url, name, label=label, timeout=timeout)
+    compare_with_server(reference, url, name, label=label, timeout=timeout, api_key=api_key)
     return f"{len(probe_strings(reference))} probes tokenized by the server match"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from megatron_mopd.config import TeacherConfig
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang_client import SGLangClient, api_key_from_env
 from megatron_mopd.teachers.base import Teacher
 from megatron_mopd.teachers.validate import check_score_requests, check_score_results
 from megatron_mopd.types import ScoreRequest, ScoreResult
@@ -45,6 +45,7 @@ class SGLangTeacher(Teacher):
             backoff_seconds=cfg.retry_backoff_seconds,
             max_in_flight=cfg.max_in_flight,
             name=name,
+            api_key=api_key_from_env(cfg.api_key_env, f"teachers.{name}.api_key_env"),
         )
         if wait:
             self.wait_ready(cfg.startup_timeout_seconds)

@@ -1,0 +1,277 @@
+"""The SGLang client, teacher and rollout engine against real SGLang 0.5.23 on CPU.
+
+The servers are the session's (`conftest.real_sglang`: "a", "b" and "w" serve the tiny
+Qwen3-MoE `model_a` in fp32). The references are independent: transformers' forward of
+the same weights for scoring, Megatron's log-probs of the sampled tokens for log mu.
+What SGLang does differently from our own server is tested here against SGLang itself:
+`input_token_logprobs` ids >= vocab_size - 1 reported as 0, seeds ignored without
+`--enable-deterministic-inference`, `/health` running a generation, aborted requests
+answered with HTTP 200, a 429 from a proxy in its place, servers behind `--api-key`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import REAL_API_KEY
+from sglang_helpers import FlakyProxy, random_seqs, reference_logprobs
+from sglang_real import kernel_stub_calls
+
+from megatron_mopd.config import RolloutConfig, TeacherConfig
+from megatron_mopd.errors import ConfigError, TeacherError
+from megatron_mopd.rollout.sglang import SGLangRolloutEngine
+from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.teachers.sglang import SGLangTeacher
+from megatron_mopd.types import SamplingParams, ScoreRequest
+
+VOCAB = 128  # the tiny models' vocabulary (= the tokenizer's size)
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    # ids across the whole vocabulary, the last one (VOCAB - 1) included
+    out = random_seqs(16, 3, 48, vocab=VOCAB, seed=3)
+    out[0][1] = VOCAB - 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(real_sglang, seqs):
+    return reference_logprobs(real_sglang["model_a"], seqs)
+
+
+def mopd(*args: str) -> None:
+    """`mopd ARGS` in this process; it must exit 0."""
+    from megatron_mopd import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args))
+    assert e.value.code == 0
+
+
+def max_diff(scored, reference) -> float:
+    assert [len(s.logprobs) for s in scored] == [len(r) for r in reference]
+    return max(abs(a - b) for s, r in zip(scored, reference) for a, b in zip(s.logprobs, r))
+
+
+def test_scoring_equals_transformers(real_sglang, seqs, reference, caplog):
+    """Batched, concurrent scoring of real SGLang's answers: log-probs within 1e-5 of
+    transformers' fp32 forward, through the fast path (no warning about the layout,
+    although SGLang reports id VOCAB - 1 as 0)."""
+    with caplog.at_level(logging.WARNING), SGLangClient([real_sglang["a"].url]) as c:
+        scored = c.score(seqs, batch_size=5)
+    assert max_diff(scored, reference) < 1e-5
+    assert not [r for r in caplog.records if "compact" in r.getMessage()]
+
+
+def test_top_k_equals_transformers(real_sglang, seqs):
+    """Top-5 ids and log-probs at each position from a later start equal transformers'."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_sglang["model_a"]).eval()
+    starts = [max(1, len(s) // 2) for s in seqs]
+    with SGLangClient([real_sglang["b"].url]) as c:
+        scored = c.score(seqs, starts=starts, top_k=5, batch_size=4)
+    worst = 0.0
+    with torch.no_grad():
+        for s, st, out in zip(seqs, starts, scored):
+            lp = torch.log_softmax(model(torch.tensor([s])).logits[0], dim=-1)[st - 1 : len(s) - 1]
+            values, ids = lp.topk(5, dim=-1)
+            assert out.top_ids == ids.tolist()
+            worst = max(worst, (torch.tensor(out.top_logprobs) - values).abs().max().item())
+    assert worst < 1e-5
+
+
+def test_teacher_over_real_sglang(real_sglang, seqs, reference):
+    teacher = SGLangTeacher("t", TeacherConfig(backend="sglang", urls=[real_sglang["a"].url]))
+    requests = [ScoreRequest(input_ids=s, response_start=len(s) - 2) for s in seqs]
+    results = teacher.score(requests)
+    teacher.close()
+    for res, ref in zip(results, reference):
+        assert len(res.logprobs) == 2
+        assert max(abs(a - b) for a, b in zip(res.logprobs, ref[-2:])) < 1e-5
+
+
+def test_mopd_score_command(real_sglang, seqs, reference, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
+    out = tmp_path / "out.jsonl"
+    mopd("score", "--url", real_sglang["b"].url, "--input", str(src), "--output", str(out))
+    got = [json.loads(line)["logprobs"] for line in out.read_text().splitlines()]
+    assert max(abs(a - b) for g, r in zip(got, reference) for a, b in zip(g, r)) < 1e-5
+
+
+def test_rollouts_match_megatron(real_sglang, tmp_path, capsys):
+    """Real SGLang samples; Megatron (`mopd logprobs`, fp32) scores the same tokens:
+    log mu and log pi agree within 1e-4 on every sampled token."""
+    engine = SGLangRolloutEngine(RolloutConfig(backend="sglang", urls=[real_sglang["a"].url]))
+    prompts = [[1, 5 + i, 9, 30 + i] for i in range(8)]
+    rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=[2]))
+    engine.close()
+    assert all(r.response_ids for r in rollouts)
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(json.dumps({"input_ids": r.prompt_ids + r.response_ids}) + "\n" for r in rollouts)
+    )
+    out = tmp_path / "pi.jsonl"
+    mopd("logprobs", "--hf", real_sglang["model_a"], "--input", str(src), "--output", str(out))
+    worst, tokens = 0.0, 0
+    for r, line in zip(rollouts, out.read_text().splitlines()):
+        pi = json.loads(line)["logprobs"][len(r.prompt_ids) - 1 :]
+        assert len(pi) == len(r.rollout_logprobs)
+        worst = max(worst, max(abs(a - b) for a, b in zip(pi, r.rollout_logprobs)))
+        tokens += len(pi)
+    print(f"{tokens} sampled tokens: max |log pi - log mu| = {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_seeds_are_ignored_so_prompts_are_batched(real_sglang, capsys):
+    """Without --enable-deterministic-inference SGLang ignores sampling_seed (two seeded
+    runs differ); the engine reads that from /server_info, says so once, and sends
+    `batch_size` prompts per request instead of one request per seeded prompt."""
+    proxy = FlakyProxy(real_sglang["a"].url)
+    cfg = RolloutConfig(backend="sglang", urls=[proxy.url], batch_size=4)
+    engine = SGLangRolloutEngine(cfg, wait=False)
+    try:
+        sampling = SamplingParams(max_new_tokens=12, seed=7)
+        runs = [engine.generate([[1, 5, 6, 7]] * 8, sampling) for _ in range(2)]
+    finally:
+        engine.close()
+        proxy.stop()
+    assert proxy.count("/generate") == 4  # 2 runs x 8 prompts / 4 per request
+    assert [r.response_ids for r in runs[0]] != [r.response_ids for r in runs[1]]
+    assert capsys.readouterr().err.count("ignore sampling_seed") == 1
+    with SGLangClient([real_sglang["a"].url]) as c:
+        assert c.server_info()["enable_deterministic_inference"] is False
+
+
+@pytest.mark.slow  # a server start that fails: ~45 s of SGLang's imports
+def test_deterministic_inference_is_refused_on_cpu(real_sglang, tmp_path):
+    """Why seeds cannot act here: SGLang refuses --enable-deterministic-inference with
+    the CPU's torch_native attention backend, and says so."""
+    import subprocess
+
+    from sglang_real import SERVER_SCRIPT, SGLANG_VENV
+
+    proc = subprocess.run(
+        ["bash", SERVER_SCRIPT, "--model-path", real_sglang["model_a"], "--port", "1"]
+        + ["--enable-deterministic-inference"],
+        env=dict(os.environ, SGLANG_VENV=SGLANG_VENV, SGLANG_WAIT_SECONDS="120"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "torch_native" in proc.stdout + proc.stderr
+
+
+def test_health_runs_a_generation_and_probes_wait_for_it(real_sglang):
+    """SGLang's GET /health runs a one-token generation (>= ~1 s, not an instant 200); a
+    replica that failed is probed with it after its cooldown and then gets work again."""
+    t0 = time.monotonic()
+    assert real_sglang["a"].get("/health").status_code == 200
+    assert time.monotonic() - t0 > 0.9
+    plan = lambda n, m, p: "drop" if n == 0 else None  # noqa: E731
+    flaky = FlakyProxy(real_sglang["a"].url, plan)
+    good = FlakyProxy(real_sglang["b"].url)
+    try:
+        with SGLangClient([flaky.url, good.url], cooldown_seconds=0.2, max_in_flight=1) as c:
+            c.score([[1, 2, 3]] * 4, batch_size=1)
+            time.sleep(0.3)
+            c.score([[1, 2, 3]] * 4, batch_size=1)
+    finally:
+        flaky.stop()
+        good.stop()
+    assert flaky.count("/health") == 1  # its probe, answered by real SGLang
+    assert flaky.count("/generate") >= 2  # the dropped one, and work after the probe
+
+
+def test_aborted_requests_are_retried(real_sglang):
+    """An aborted generation comes back as HTTP 200 with finish_reason type "abort": it
+    is asked again (not read as a short answer); without retries the error says abort."""
+    server = real_sglang["b"]
+    long = {"max_new_tokens": 480, "temperature": 1.0, "ignore_eos": True}
+
+    for retries in (2, 0):
+        proxy = FlakyProxy(server.url)
+
+        def abort_once_it_runs(proxy=proxy):
+            while proxy.count("/generate") == 0:
+                time.sleep(0.01)
+            time.sleep(0.1)  # forwarded and running (480 tokens take seconds here)
+            server.post("/abort_request", {"abort_all": True})
+
+        threading.Thread(target=abort_once_it_runs, daemon=True).start()
+        try:
+            with SGLangClient([proxy.url], max_retries=retries, backoff_seconds=0.1) as c:
+                if retries:
+                    (gen,) = c.generate([[1, 5, 9]], long)
+                    assert len(gen.output_ids) == 480 and gen.finish_reason["type"] == "length"
+                    assert proxy.count("/generate") == 2
+                else:
+                    with pytest.raises(TeacherError, match="aborted the request"):
+                        c.generate([[1, 5, 9]], long)
+        finally:
+            proxy.stop()
+
+
+def test_429_is_retried(real_sglang, seqs, reference):
+    plan = lambda n, m, p: "429" if n < 2 else None  # noqa: E731
+    proxy = FlakyProxy(real_sglang["a"].url, plan)
+    try:
+        with SGLangClient([proxy.url], backoff_seconds=0.05, max_in_flight=1) as c:
+            scored = c.score(seqs[:3], batch_size=3)
+    finally:
+        proxy.stop()
+    assert proxy.count("/generate") == 3
+    assert max_diff(scored, reference[:3]) < 1e-5
+
+
+def test_api_key(real_sglang, seqs, reference, monkeypatch):
+    """Server "w" runs with --api-key: without the key the request is refused (401,
+    named), with `api_key_env` it is answered; the key never sits in the config."""
+    url = real_sglang["w"].url
+    with SGLangClient([url], max_retries=0) as c, pytest.raises(TeacherError, match="401"):
+        c.score(seqs[:1])
+    monkeypatch.setenv("MOPD_TEST_KEY", REAL_API_KEY)
+    cfg = TeacherConfig(backend="sglang", urls=[url], api_key_env="MOPD_TEST_KEY")
+    teacher = SGLangTeacher("keyed", cfg)
+    (res,) = teacher.score([ScoreRequest(input_ids=seqs[1], response_start=1)])
+    teacher.close()
+    assert max(abs(a - b) for a, b in zip(res.logprobs, reference[1])) < 1e-5
+    monkeypatch.delenv("MOPD_TEST_KEY")
+    with pytest.raises(ConfigError, match="api_key_env='MOPD_TEST_KEY'"):
+        SGLangTeacher("keyed", cfg)
+
+
+def test_list_of_texts_is_refused_by_the_router_but_one_text_is_not(real_sglang, tmp_path):
+    """Why the tokenizer pre-flight sends one text per request: sglang-router 0.3.2
+    answers 422 to `text` as a list; each probe alone is tokenized by the real server."""
+    from sglang_helpers import start_router
+
+    from megatron_mopd.teachers.preflight import load_tokenizer, server_probe_ids
+
+    router, url = start_router([real_sglang["a"].url], str(tmp_path / "router.log"))
+    assert router is not None, url
+    try:
+        body = {"text": ["a b", "c"], "sampling_params": {"max_new_tokens": 0}}
+        assert httpx.post(url + "/generate", json=body, timeout=60).status_code == 422
+        tok = load_tokenizer(real_sglang["model_a"])
+        probes = ["Hello, world!", "0123 -42", "naïve café"]
+        sides = server_probe_ids(url, probes)
+    finally:
+        router.stop()
+    assert [s.ids for s in sides] == [tok(p)["input_ids"] for p in probes]
+
+
+def test_the_kernel_stand_in_is_never_called(real_sglang):
+    """After the scoring and sampling above, no server called a stub of the `sgl_kernel`
+    stand-in (only its two bookkeeping ops run, which log nothing)."""
+    assert kernel_stub_calls(real_sglang["servers"]) == []
