@@ -37,11 +37,9 @@ def tiny(real_sglang, tmp_path_factory):
     root = tmp_path_factory.mktemp("real_train")
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
-    return {
-        "student": make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=5),
-        "data": str(data),
-        "root": str(root),
-    }
+    student = make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=5)
+    # t_add / t_rev: make_recipe's embedded teachers, replaced by the SGLang ones here
+    return {"student": student, "t_add": student, "t_rev": student, "data": str(data)}
 
 
 def recipe(tiny, real_sglang, router, run_dir, **train) -> dict:
