@@ -31,6 +31,10 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd demo
 
+# the same run with the rollout engine and both teachers on real SGLang servers
+demo-sglang: $(STAMP) $(SGLANG_STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd demo --sglang --run-dir runs/demo-sglang
+
 ablation: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m megatron_mopd ablation
 

@@ -34,7 +34,10 @@ setup(
     extras_require={
         # Never install the PyPI package named `apex` (an unrelated web toolkit).
         # NVIDIA apex is optional and not on PyPI; build it from source on GPU nodes.
-        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23"],
+        # SGLang is not an extra: it pins its own torch and transformers, so it runs from an
+        # environment of its own, as a separate server (examples/qwen3_30b_a3b/README.md;
+        # on CPU, `make sglang`). The trainer only speaks HTTP to it.
+        "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6", "sglang-router==0.3.2"],
         "wandb": ["wandb"],
     },

@@ -205,7 +205,8 @@ class RolloutConfig:
         _positive(self, "n_samples_per_prompt", path)
         _positive(self, "max_new_tokens", path)
         if self.temperature != 1.0:
-            # MOPD needs log mu at temperature 1 (SGLANG_API.md): refuse silently wrong ratios
+            # MOPD needs log mu at temperature 1 (SGLang scales output log-probs by it): refuse
+            # silently wrong ratios
             raise ConfigError(
                 f"{path}.temperature={self.temperature}: MOPD's importance ratio needs the "
                 "engine's log-probs at temperature 1; set it to 1.0"

@@ -1,17 +1,28 @@
 """An SGLang-compatible HTTP server on CPU: the subset of SGLang's API this project uses.
 
+Not the reference: the SGLang paths are tested against real SGLang 0.5.23 (`make sglang`,
+`tests/test_real_*.py`). This server is kept for what the real one cannot do here:
+fault-injection tests that need a server started, killed or restarted within a test
+(a real start costs 20-50 s of CPU on these machines; this one starts in-process in
+under a second), the many client tests behind a misbehaving proxy, and machines without
+SGLang. Where it differs from SGLang 0.5.23, knowingly: `/health` answers at once
+(SGLang's runs a one-token generation, >= ~1 s); `sampling_seed` is always honoured
+(SGLang: only with `--enable-deterministic-inference`); there is no weight-update session
+(`/begin_weight_update`), no tensor or distributed update, no prefix cache, no abort, and
+no API key; input ids are reported as sent (SGLang reports ids >= vocab_size - 1 as 0).
+
     server = SGLangCompatibleServer("/path/to/hf_dir", host="127.0.0.1", port=30000)
     server.start()            # binds, then loads the model in the background
     ...                       # /health and /health_generate answer 503 until it is loaded
     server.shutdown()
 
 `mopd serve --hf HF_DIR --port P` runs it in the foreground (see `commands/serve.py`).
-The contract is /work/shared/SGLANG_API.md (sglang 0.5.23); endpoints:
+The contract is SGLang 0.5.23's HTTP API; endpoints:
 
 | endpoint | behaviour |
 | --- | --- |
 | `POST /generate` | scoring (`max_new_tokens: 0`) and sampling; one request or a batch |
-| `GET /health`, `GET /health_generate` | 200 when ready (the latter runs a 1-token generation), 503 while loading |
+| `GET /health`, `GET /health_generate` | 200 when ready (the latter runs a 1-token generation; SGLang's `/health` does too), 503 while loading |
 | `GET /model_info` (`/get_model_info`, `/server_info`) | `model_path`, `tokenizer_path`, `is_generation`, `weight_version`, ... |
 | `POST /update_weights_from_disk` | `{model_path, weight_version?}` -> `{success, message, num_paused_requests}` |
 | `GET/POST /flush_cache` | 200 (there is no prefix cache to flush) |

@@ -1,7 +1,7 @@
 """What SGLang's `/generate` means, for the server of `server.py`: parsing a request into
 items, running items on an `HFEngine`, and building SGLang-shaped answers.
 
-Field names, defaults and answer shapes follow sglang 0.5.23 (SGLANG_API.md;
+Field names, defaults and answer shapes follow sglang 0.5.23 (its source:
 `srt/managers/io_struct.py`, `srt/sampling/sampling_params.py`,
 `srt/managers/scheduler_components/logprob_result_processor.py`). See `server.py`'s
 docstring for the list of supported fields.

@@ -7,7 +7,8 @@
     outs = client.generate([[1, 5]], {"max_new_tokens": 8, "temperature": 1.0})
     client.post_all("/update_weights_from_disk", {"model_path": d})   # every URL
 
-The contract is /work/shared/SGLANG_API.md (sglang 0.5.23). Scoring posts batches of
+The contract is SGLang 0.5.23's HTTP API, and the client is tested against SGLang itself
+(`tests/test_real_sglang.py`). Scoring posts batches of
 `batch_size` sequences as one prefill-only `/generate` request
 (`sampling_params.max_new_tokens = 0`, `return_logprob`, `top_logprobs_num`, and
 `logprob_start_len = s - 1` with `s` the earliest start of the batch: sglang-router 0.3.2
@@ -20,18 +21,23 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   A server that failed to connect, timed out or dropped a request is skipped for a
   cooldown (1 s, doubling while it keeps failing), then probed with `GET /health` before
   it gets work again (`ServerSet`): a dead, hung or slow replica does not slow the
-  others. One sglang-router URL works the same way (it spreads the load itself).
+  others. SGLang's `/health` runs a one-token generation (it answers after >= ~1 s, up
+  to 20 s when unhealthy), so the probe's timeout is the connect timeout (10 s), not an
+  instant. One sglang-router URL works the same way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
 - Connections are kept alive and reused (`http_wire`, a small pool per URL).
   Each request has a `timeout` (seconds the server may stay silent while the request is
   sent or the answer awaited and read; connecting has its own shorter one). Connection
-  errors, dropped connections, timeouts and 5xx answers are retried up to `max_retries`
-  times with exponential backoff and jitter; a 4xx answer (a bad request: retrying
-  cannot help) is not.
+  errors, dropped connections, timeouts, 5xx, 408 and 429 answers (sglang-router's full
+  queue; its `Retry-After` is honoured) and aborted requests (SGLang answers HTTP 200 with
+  `finish_reason.type == "abort"`) are retried up to `max_retries` times with exponential
+  backoff and jitter; another 4xx answer (a bad request: retrying cannot help) is not.
+- `api_key`: sent as `Authorization: Bearer KEY` (servers started with `--api-key`).
 - Every answer is checked before use: one object per sequence, the leading `null`, one
   `[logprob, token_id, ...]` per token with the token ids that were sent, and every
-  log-prob a finite number <= 0 (no null, NaN, +-inf). A malformed answer is a bug of the
+  log-prob a finite number <= 0 (no null, NaN, +-inf); SGLang reports input ids >=
+  vocab_size - 1 as 0, which is accepted (`fast_answers.ids_match`). A malformed answer is a bug of the
   server and is not retried. Scoring answers in SGLang's compact layout are checked on a
   flat decoding of their log-prob and top-k arrays (`fast_answers.fast_scored`: ~30% less
   client CPU, 3x less with top-k); any other layout, or any doubt, gets the full decoding

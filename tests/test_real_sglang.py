@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import REAL_API_KEY
 from sglang_helpers import FlakyProxy, random_seqs, reference_logprobs
-from sglang_real import kernel_stub_calls
+from sglang_real import get, post
 
 from megatron_mopd.config import RolloutConfig, TeacherConfig
 from megatron_mopd.errors import ConfigError, TeacherError
@@ -158,12 +158,12 @@ def test_deterministic_inference_is_refused_on_cpu(real_sglang, tmp_path):
     the CPU's torch_native attention backend, and says so."""
     import subprocess
 
-    from sglang_real import SERVER_SCRIPT, SGLANG_VENV
+    from sglang_real import SERVER_SCRIPT, sglang_venv
 
     proc = subprocess.run(
         ["bash", SERVER_SCRIPT, "--model-path", real_sglang["model_a"], "--port", "1"]
         + ["--enable-deterministic-inference"],
-        env=dict(os.environ, SGLANG_VENV=SGLANG_VENV, SGLANG_WAIT_SECONDS="120"),
+        env=dict(os.environ, SGLANG_VENV=sglang_venv(), SGLANG_WAIT_SECONDS="120"),
         capture_output=True,
         text=True,
         timeout=180,
@@ -176,7 +176,7 @@ def test_health_runs_a_generation_and_probes_wait_for_it(real_sglang):
     """SGLang's GET /health runs a one-token generation (>= ~1 s, not an instant 200); a
     replica that failed is probed with it after its cooldown and then gets work again."""
     t0 = time.monotonic()
-    assert real_sglang["a"].get("/health").status_code == 200
+    assert get(real_sglang["a"], "/health").status_code == 200
     assert time.monotonic() - t0 > 0.9
     plan = lambda n, m, p: "drop" if n == 0 else None  # noqa: E731
     flaky = FlakyProxy(real_sglang["a"].url, plan)
@@ -206,7 +206,7 @@ def test_aborted_requests_are_retried(real_sglang):
             while proxy.count("/generate") == 0:
                 time.sleep(0.01)
             time.sleep(0.1)  # forwarded and running (480 tokens take seconds here)
-            server.post("/abort_request", {"abort_all": True})
+            post(server, "/abort_request", {"abort_all": True})
 
         threading.Thread(target=abort_once_it_runs, daemon=True).start()
         try:
@@ -274,4 +274,4 @@ def test_list_of_texts_is_refused_by_the_router_but_one_text_is_not(real_sglang,
 def test_the_kernel_stand_in_is_never_called(real_sglang):
     """After the scoring and sampling above, no server called a stub of the `sgl_kernel`
     stand-in (only its two bookkeeping ops run, which log nothing)."""
-    assert kernel_stub_calls(real_sglang["servers"]) == []
+    assert real_sglang["servers"].stub_calls() == []

@@ -18,6 +18,7 @@ import json
 import pytest
 from conftest import REAL_API_KEY
 from sglang_helpers import start_router
+from sglang_real import get, post
 from trainer_helpers import dataset_lines, make_recipe, metrics, train_in_process, write_recipe
 
 from megatron_mopd.tiny import make_tiny_hf_model
@@ -86,12 +87,12 @@ def test_train_with_every_server_real(tiny, real_sglang, router, tmp_path, monke
     try:
         code, err = train_in_process(capsys, write_recipe(tmp_path / "r.yaml", raw))
         assert code == 0, err
-        info = real_sglang["w"].get("/model_info").json()
+        info = get(real_sglang["w"], "/model_info").json()
         assert info["weight_version"] == "step_3"
         assert info["model_path"] == str(run_dir / "weights" / "step_3")
     finally:  # server "w" back to its first weights for the other tests
         body = {"model_path": real_sglang["model_a"], "weight_version": "default"}
-        real_sglang["w"].post("/update_weights_from_disk", body)
+        post(real_sglang["w"], "/update_weights_from_disk", body)
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3] and not any(r["skipped"] for r in rows)
     for r in rows:

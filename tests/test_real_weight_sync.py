@@ -18,6 +18,7 @@ import torch
 from conftest import REAL_API_KEY
 from multirank import start_workers
 from sglang_helpers import FlakyProxy, free_port, random_seqs, reference_logprobs
+from sglang_real import post
 
 from megatron_mopd.config import RolloutConfig
 from megatron_mopd.rollout import sglang as sglang_rollout
@@ -41,7 +42,7 @@ def server_w(real_sglang, key_env):
     server = real_sglang["w"]
     yield server
     body = {"model_path": real_sglang["model_a"], "weight_version": "default"}
-    assert server.post("/update_weights_from_disk", body).status_code == 200
+    assert post(server, "/update_weights_from_disk", body).status_code == 200
 
 
 def test_buckets_group_in_order_under_the_limit():

@@ -9,7 +9,11 @@ ADVERTISE_HOST="${ADVERTISE_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
 ADVERTISE_HOST="${ADVERTISE_HOST:-127.0.0.1}"
 MEM_FRACTION="${MEM_FRACTION:-0.85}"
 CONTEXT_LENGTH="${CONTEXT_LENGTH:-16384}" # prompt + response, with margin
-PYTHON="${PYTHON:-python}"
+# SGLang's own environment (it pins torch and transformers versions of its own, so it is
+# not installed beside the trainer): python -m venv /opt/sglang &&
+#   /opt/sglang/bin/pip install sglang==0.5.23 sglang-router==0.3.2
+SGLANG_PYTHON="${SGLANG_PYTHON:-${PYTHON:-python}}"
+API_KEY="${API_KEY:-}"                 # optional: workers require it (SGLang's --api-key)
 DRY_RUN="${DRY_RUN:-}"
 
 # MOPD's importance ratio needs log-probs at temperature 1; this makes SGLang return
@@ -46,7 +50,7 @@ serve_group() {
     shift 4
     local urls=() k
     for ((k = 0; k < WORKERS; k++)); do
-        launch "$name-worker$k.log" "$PYTHON" -m sglang.launch_server \
+        launch "$name-worker$k.log" "$SGLANG_PYTHON" -m sglang.launch_server \
             --model-path "$model" \
             --tp-size "$TP" \
             --base-gpu-id "$next_gpu" \
@@ -56,12 +60,13 @@ serve_group() {
             --mem-fraction-static "$MEM_FRACTION" \
             --context-length "$CONTEXT_LENGTH" \
             --log-level warning \
+            ${API_KEY:+--api-key "$API_KEY"} \
             "$@"
         urls+=("http://$ADVERTISE_HOST:$next_port")
         next_gpu=$((next_gpu + TP))
         next_port=$((next_port + 1))
     done
-    launch "$name-router.log" "$PYTHON" -m sglang_router.launch_router \
+    launch "$name-router.log" "$SGLANG_PYTHON" -m sglang_router.launch_router \
         --worker-urls "${urls[@]}" \
         --policy round_robin \
         --host "$BIND_HOST" \

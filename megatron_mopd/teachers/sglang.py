@@ -6,7 +6,8 @@
 
 Each sequence is scored in one prefill (`max_new_tokens: 0`) with
 `logprob_start_len = response_start - 1`, so only the response's log-probs travel back
-(SGLANG_API.md; the client is `megatron_mopd/sglang_client.py`). At construction the
+(SGLang's `input_token_logprobs[0]` is always null, whatever `logprob_start_len`;
+the client is `megatron_mopd/sglang_client.py`). At construction the
 teacher waits for `GET /health_generate` on every URL (up to
 `startup_timeout_seconds`). Every failure (down after `max_retries`, timeout,
 malformed answer) is a `TeacherError` naming the teacher, its domains and the URL, so

@@ -1,6 +1,6 @@
 """The CPU demo behind `make demo`: MOPD in miniature, end to end.
 
-    python -m megatron_mopd demo [--run-dir runs/demo] [--nproc 1] [key=value ...]
+    python -m megatron_mopd demo [--run-dir runs/demo] [--nproc 1] [--sglang] [key=value ...]
 
 1. Build the toy (`toy.build`): a character tokenizer, two synthetic domains (`add`,
    `reverse`), one small MoE teacher per domain fine-tuned on its domain, and a weak MoE
@@ -8,6 +8,10 @@
 2. Train the student with MOPD (`examples/toy/mopd.yaml`): Megatron student, embedded
    rollout engine, both teachers routed by domain, sampled-token reverse-KL advantage
    with IcePop weights (MiMo's form), LR warmup. A fresh run each time (RUN_DIR/mopd).
+   With `--sglang` (`make demo-sglang`) the rollout engine and both teachers are real
+   SGLang 0.5.23 servers started here (`toy.sglang_servers`; needs `make sglang`), the
+   student's weights reaching the rollout server from disk after every step, as on a
+   cluster; their logs go to RUN_DIR/sglang.
 3. Evaluate teachers, the student before and the student after with one function
    (greedy decoding through the same engine, exact match on the same held-out prompts),
    print a table, write RUN_DIR/summary.json and RUN_DIR/figure.png (per-domain accuracy
@@ -134,10 +138,27 @@ def plot(curves: dict, teachers: dict[str, float], out_png: str) -> None:
     plt.close(fig)
 
 
+def sglang_overrides(servers) -> list[str]:
+    """Recipe overrides sending the rollouts and both teachers to real SGLang servers."""
+    return [
+        "rollout.backend=sglang",
+        f"rollout.urls=[{servers['student'].url}]",
+        "rollout.weight_sync=disk",
+        "teachers.adder.backend=sglang",
+        f"teachers.adder.urls=[{servers['add'].url}]",
+        "teachers.reverser.backend=sglang",
+        f"teachers.reverser.urls=[{servers['reverse'].url}]",
+    ]
+
+
 def run_demo(
-    run_dir: str = "runs/demo", nproc: int = 1, overrides: list[str] | None = None
+    run_dir: str = "runs/demo",
+    nproc: int = 1,
+    overrides: list[str] | None = None,
+    sglang: bool = False,
 ) -> dict:
-    """Build the toy, train with MOPD, evaluate; returns the summary."""
+    """Build the toy, train with MOPD (rollouts and teachers on real SGLang servers with
+    `sglang`), evaluate; returns the summary."""
     from megatron_mopd.config import load_config
     from megatron_mopd.toy.build import build_toy
 
@@ -150,9 +171,29 @@ def run_demo(
     shutil.rmtree(mopd_dir, ignore_errors=True)  # a fresh MOPD run each time
     overrides = [*toy_overrides(toy), *(overrides or [])]
     cfg = load_config(RECIPE, [f"run_dir={mopd_dir}", *overrides])
-    print(f"== 2/3 MOPD: {cfg.train.max_steps} steps, {nproc} process(es)", flush=True)
+    where = "real SGLang servers" if sglang else "embedded engines"
+    print(
+        f"== 2/3 MOPD: {cfg.train.max_steps} steps, {nproc} process(es), rollouts and "
+        f"teachers on {where}",
+        flush=True,
+    )
     t_train = time.time()
-    train_recipe(mopd_dir, nproc, overrides)
+    if sglang:
+        from megatron_mopd.toy.sglang_servers import LocalSGLang
+
+        specs = {
+            "student": (toy.student, []),
+            "add": (toy.teachers["add"], []),
+            "reverse": (toy.teachers["reverse"], []),
+        }
+        print("   starting 3 SGLang servers (logs in RUN_DIR/sglang)", flush=True)
+        with LocalSGLang.start_all(specs, os.path.join(run_dir, "sglang")) as servers:
+            train_recipe(mopd_dir, nproc, [*overrides, *sglang_overrides(servers)])
+            stubs = servers.stub_calls()
+        if stubs:
+            raise UserError(f"the sgl_kernel stand-in was called: {stubs[:3]}")
+    else:
+        train_recipe(mopd_dir, nproc, overrides)
     t_train = time.time() - t_train
     print("== 3/3 evaluating teachers and student on held-out prompts", flush=True)
     max_new = cfg.rollout.max_new_tokens
@@ -171,6 +212,7 @@ def run_demo(
         "wall_seconds": round(time.time() - t0, 1),
         "mopd_seconds": round(t_train, 1),
         "reached_teachers": all(after[d] >= teacher_acc[d] - 0.02 for d in teacher_acc),
+        "backends": "sglang" if sglang else "embedded",
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
