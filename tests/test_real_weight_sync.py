@@ -51,6 +51,26 @@ def test_buckets_group_in_order_under_the_limit():
     assert got == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"], ["t6"]]  # 30 and 40 alone
 
 
+def test_flatten_bucket_copies_and_releases():
+    """Each tensor lands at its aligned offset with its dtype and shape, and is released
+    from the bucket once copied; back to back (align 0) there is no padding."""
+    from megatron_mopd.rollout.sglang import flatten_bucket
+
+    made = [
+        ("a", torch.arange(6.0).view(2, 3)),
+        ("b", torch.tensor([1, 2])),
+        ("c", torch.ones(3, dtype=torch.bfloat16)),
+    ]
+    bucket = [(n, t.clone()) for n, t in made]
+    flat, views = flatten_bucket(bucket, align=64, shared=True)
+    assert bucket == [None, None, None] and flat.is_shared()
+    for (name, view), (ref_name, ref) in zip(views, made):
+        assert name == ref_name and view.dtype == ref.dtype and torch.equal(view, ref)
+    assert [v.data_ptr() - flat.data_ptr() for _, v in views] == [0, 64, 128]
+    flat, _ = flatten_bucket([("a", torch.ones(6)), ("b", torch.ones(3))], align=0, shared=False)
+    assert flat.numel() == 36
+
+
 @pytest.mark.multirank
 def test_every_sync_mode_from_tp2(server_w, tmp_path):
     proxy = FlakyProxy(server_w.url)

@@ -47,6 +47,7 @@ variable `rollout.api_key_env`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import sys
 import threading
@@ -203,19 +204,24 @@ class SGLangRolloutEngine(RolloutEngine):
         Each bucket is serialised once per server TP rank (`tp_size` payloads: every rank
         deserialises only its own, as SGLang requires for CUDA IPC handles) and sent as one
         `/update_weights_from_tensor` request, the tensors kept alive until every worker
-        has loaded them. CPU tensors go through shared-memory files (tested here against
-        real SGLang); CUDA tensors as CUDA IPC handles with device UUIDs (untested here).
+        has loaded them. The bucket is first copied into one flat buffer (shared memory for
+        CPU tensors; each tensor is released once copied), and the payload holds views of
+        it: one storage per bucket, never a model parameter's own. CPU tensors go through
+        shared-memory files (tested here against real SGLang); CUDA tensors as CUDA IPC
+        handles with device UUIDs (untested here).
         """
         with self._update_session():
             for bucket in buckets:
-                payloads = [serialize_named_tensors(bucket) for _ in range(tp_size)]
+                flat, named = flatten_bucket(bucket, align=64, shared=True)
+                del bucket
+                payloads = [serialize_named_tensors(named) for _ in range(tp_size)]
                 body = {
                     "serialized_named_tensors": payloads,
                     "flush_cache": False,
                     "weight_version": weight_version,
                 }
                 self._post_workers("/update_weights_from_tensor", body)
-                del payloads, bucket  # the workers hold copies now
+                del payloads, named, flat  # the workers hold copies now
         self.flush_cache()
         self._version = weight_version
 
@@ -288,7 +294,6 @@ class SGLangRolloutEngine(RolloutEngine):
         """Broadcast each bucket of `(HF name, tensor)` from rank 0 of the group made by
         `init_weights_update_group`, as one flat byte tensor per bucket, while every
         worker receives it (`load_format: flattened_bucket`)."""
-        import torch
         import torch.distributed as dist
 
         if self._group is None:
@@ -304,9 +309,8 @@ class SGLangRolloutEngine(RolloutEngine):
                     "flush_cache": False,
                     "weight_version": weight_version,
                 }
-                flat = torch.cat(
-                    [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
-                )
+                # SGLang's receiving bucket lays the tensors out back to back: no padding
+                flat, _ = flatten_bucket(bucket, align=0, shared=False)
                 del bucket
                 if self._group_backend == "nccl" and not flat.is_cuda:
                     flat = flat.cuda()
@@ -420,6 +424,47 @@ def _router_workers(client: SGLangClient, url: str) -> list[str]:
 # helpers of the in-memory paths
 
 
+def flatten_bucket(bucket: NamedTensors, align: int, shared: bool):
+    """Copy a bucket's tensors into one flat byte buffer, each at an offset that is a
+    multiple of `align` bytes (and of its element size; `align=0`: back to back, as SGLang's
+    `flattened_bucket` receiver expects, which must then fall on element boundaries);
+    return (buffer, [(name, view of
+    the buffer)]). Each entry of `bucket` is set to None once copied, so a tensor made for
+    the bucket (a gathered shard) is freed at once: the peak is about one bucket plus one
+    tensor. With `shared`, a CPU buffer is allocated in shared memory (for the tensor path,
+    so pickling it does not copy it again)."""
+    import torch
+
+    if not bucket:
+        raise ValueError("an empty bucket")
+    layout, size = [], 0
+    for name, t in bucket:
+        if align:
+            step = max(align, t.element_size())
+            size = -(-size // step) * step
+        elif size % t.element_size():
+            raise ValueError(
+                f"weight sync bucket: {name} ({t.dtype}) would start at byte {size}, not a "
+                "multiple of its element size; do not mix dtypes of other sizes in one bucket"
+            )
+        layout.append((name, size, t.dtype, t.shape))
+        size += t.numel() * t.element_size()
+    device = bucket[0][1].device
+    flat = torch.empty(size, dtype=torch.uint8, device=device)
+    if shared and device.type == "cpu":
+        with _file_system_sharing():  # as `serialize_named_tensors` pickles it: no move
+            flat.share_memory_()
+    views = []
+    for i, (name, offset, dtype, shape) in enumerate(layout):
+        t = bucket[i][1].detach()
+        n = t.numel() * t.element_size()
+        flat[offset : offset + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        bucket[i] = None  # type: ignore[call-overload]
+        del t
+        views.append((name, flat[offset : offset + n].view(dtype).view(shape)))
+    return flat, views
+
+
 def serialize_named_tensors(named: NamedTensors) -> str:
     """`named` pickled the way SGLang's `MultiprocessingSerializer.deserialize` reads it
     (torch's multiprocessing reductions: no tensor data in the payload), base64-encoded.
@@ -431,19 +476,27 @@ def serialize_named_tensors(named: NamedTensors) -> str:
     """
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing as tmp
-
     buf = io.BytesIO()
-    previous = tmp.get_sharing_strategy()
-    tmp.set_sharing_strategy("file_system")
-    try:
+    with _file_system_sharing():
         pickler = ForkingPickler(buf)
         if any(getattr(t, "is_cuda", False) for _, t in named):  # pragma: no cover - GPU only
             pickler.dispatch_table = _cuda_uuid_dispatch(pickler.dispatch_table)
         pickler.dump(named)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def _file_system_sharing():
+    """torch's `file_system` sharing strategy for CPU storages, for the `with` block (a
+    storage shared under another strategy would be copied again when pickled)."""
+    import torch.multiprocessing as tmp
+
+    previous = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy("file_system")
+    try:
+        yield
     finally:
         tmp.set_sharing_strategy(previous)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _cuda_uuid_dispatch(table: dict) -> dict:  # pragma: no cover - GPU only, untested here
