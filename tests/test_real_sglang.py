@@ -100,12 +100,27 @@ def test_teacher_over_real_sglang(real_sglang, seqs, reference):
 
 
 def test_mopd_score_command(real_sglang, seqs, reference, tmp_path, capsys):
+    """`mopd score`, without and with `--top-k`, against transformers."""
+    import transformers
+
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
-    out = tmp_path / "out.jsonl"
-    mopd("score", "--url", real_sglang["b"].url, "--input", str(src), "--output", str(out))
-    got = [json.loads(line)["logprobs"] for line in out.read_text().splitlines()]
-    assert max(abs(a - b) for g, r in zip(got, reference) for a, b in zip(g, r)) < 1e-5
+    for top_k in (0, 3):
+        out = tmp_path / f"out{top_k}.jsonl"
+        mopd(
+            "score", "--url", real_sglang["b"].url, "--input", str(src), "--output", str(out),
+            "--top-k", str(top_k),
+        )  # fmt: skip
+        got = [json.loads(line) for line in out.read_text().splitlines()]
+        lps = [g["logprobs"] for g in got]
+        assert max(abs(a - b) for g, r in zip(lps, reference) for a, b in zip(g, r)) < 1e-5
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_sglang["model_a"]).eval()
+    with torch.no_grad():
+        for s, g in zip(seqs, got):
+            lp = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1], dim=-1)
+            values, ids = lp.topk(3, dim=-1)
+            assert g["top_ids"] == ids.tolist()
+            assert (torch.tensor(g["top_logprobs"]) - values).abs().max() < 1e-5
 
 
 def test_rollouts_match_megatron(real_sglang, tmp_path, capsys):
