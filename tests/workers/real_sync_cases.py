@@ -26,16 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from multirank import save_result  # noqa: E402
 from sglang_helpers import random_seqs, reference_logprobs  # noqa: E402
+from weight_sync_cases import shift  # noqa: E402  (this folder is on sys.path[0])
 
 from megatron_mopd import distributed  # noqa: E402
 from megatron_mopd.config import load_config  # noqa: E402
-
-
-def shift(chunks, delta: float) -> None:
-    with torch.no_grad():
-        for chunk in chunks:
-            for p in chunk.parameters():
-                p.add_(delta)
 
 
 def expected_folder(hf: str, out: str, delta: float) -> str:
