@@ -240,7 +240,6 @@ class SGLangClient:
             max_idle=self.max_in_flight + 4,
             api_key=api_key,
         )
-        self.api_key = api_key
 
     # ---------------------------------------------------------------- plumbing
 
@@ -305,7 +304,8 @@ class SGLangClient:
             wait_hint = None  # the server's Retry-After
             if resp is not None:
                 self._servers.succeeded(target)
-                if resp.status < 400 or (refused_ok and resp.status < 500):
+                refused = refused_ok and resp.status < 500 and resp.status not in RETRYABLE_4XX
+                if resp.status < 400 or refused:
                     try:
                         with gc_paused():
                             if parse is None:

@@ -54,7 +54,7 @@ def test_buckets_group_in_order_under_the_limit():
 def test_flatten_bucket_copies_and_releases():
     """Each tensor lands at its aligned offset with its dtype and shape, and is released
     from the bucket once copied; back to back (align 0) there is no padding."""
-    from megatron_mopd.rollout.sglang import flatten_bucket
+    from megatron_mopd.rollout.sglang_transfer import flatten_bucket
 
     made = [
         ("a", torch.arange(6.0).view(2, 3)),
