@@ -68,6 +68,13 @@ def test_defaults_and_overrides(tmp_path):
         ),
         (["rollout.temperature=0.7"], "rollout.temperature=0.7"),
         (["rollout.backend=sglang"], "rollout.urls is empty"),
+        # log mu is taken before truncation: ratios would be biased
+        (["rollout.top_p=0.9"], "rollout.top_p=0.9 / rollout.top_k=-1 with loss.correction=icepop"),
+        (
+            ["rollout.top_k=20", "loss.correction=none", "loss.per_domain.add.correction=tis"],
+            "with loss.correction=tis",
+        ),
+        (["rollout.weight_sync_bucket_mb=0"], "rollout.weight_sync_bucket_mb=0.0 must be > 0"),
         (["teachers.t.domains=[a]"], "teachers.t.hf_path is required"),
         (["teachers.t.backend=sglang"], "teachers.t.urls is empty"),
         (
@@ -87,6 +94,11 @@ def test_bad_config_names_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_truncated_sampling_without_importance_weights_is_allowed():
+    cfg = load_config(None, ["rollout.top_p=0.9", "rollout.top_k=20", "loss.correction=none"])
+    assert cfg.rollout.top_p == 0.9
 
 
 def test_domain_without_teacher():
