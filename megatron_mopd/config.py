@@ -332,6 +332,8 @@ class TrainConfig:
     eval_interval: int = 0
     eval_prompts: int = 64
     max_consecutive_nonfinite: int = 3
+    # gc.freeze() what set-up left alive, so no full-heap collection pauses a step
+    gc_freeze: bool = True
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "prompts_per_step", "micro_batch_size"):
