@@ -175,6 +175,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     stop_token_ids: list[int] = field(default_factory=list)
+    # the engine's forward precision, so log mu differs from Megatron's log pi as on GPUs:
+    # embedded: the transformers copy runs in it; sglang: it must equal the servers'
+    # `--dtype` (checked against GET /server_info where the server reports one)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     timeout_seconds: float = 600.0
     max_retries: int = 3
     max_in_flight: int = 32

@@ -161,3 +161,31 @@ def test_rollout_weight_refresh(models):
         atol=1e-6,
         rtol=0,
     )
+
+
+def test_bf16_rollouts_differ_from_the_fp32_forward_as_real_engines_do(models):
+    """rollout.dtype=bf16: log mu comes from a bf16 forward of the same weights, so it
+    differs from the fp32 log-probs (a real train/inference mismatch), by bf16's
+    rounding and no more."""
+    from megatron_mopd.config import load_config
+    from megatron_mopd.rollout.factory import build_rollout_engine
+
+    hf_a, _ = models
+    cfg = load_config(None, [f"model.hf_path={hf_a}", "rollout.dtype=bf16"])
+    engine = build_rollout_engine(cfg)
+    assert next(engine.engine.model.parameters()).dtype == torch.bfloat16
+    rollouts = engine.generate(
+        [[1, 20, 21, 22], [1, 30]], SamplingParams(max_new_tokens=12, seed=3)
+    )
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_a, dtype=torch.float32)
+    diffs = []
+    for r in rollouts:
+        ref = _forward(model, r.prompt_ids + r.response_ids)
+        s = len(r.prompt_ids)
+        want = ref[s - 1 :].gather(-1, torch.tensor(r.response_ids)[:, None])[:, 0]
+        diffs.append((torch.tensor(r.rollout_logprobs) - want).abs())
+    d = torch.cat(diffs)
+    assert d.mean() > 1e-4  # a real mismatch, unlike fp32's 1e-6
+    assert d.max() < 0.2

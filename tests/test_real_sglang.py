@@ -147,6 +147,21 @@ def test_rollouts_match_megatron(real_sglang, tmp_path, capsys):
     assert worst < 1e-4
 
 
+def test_rollout_dtype_is_checked_against_the_server(real_sglang):
+    """rollout.dtype must be the server's --dtype (the test servers run float32)."""
+    from megatron_mopd.errors import ConfigError
+
+    url = real_sglang["a"].url
+    engine = SGLangRolloutEngine(RolloutConfig(backend="sglang", urls=[url]), wait=False)
+    try:
+        assert engine.server_info()["dtype"] == "float32"
+        engine.check_dtype("fp32")
+        with pytest.raises(ConfigError, match=rf"rollout.dtype=bf16 .*{url}.*float32"):
+            engine.check_dtype("bf16")
+    finally:
+        engine.close()
+
+
 def test_seeds_are_ignored_so_prompts_are_batched(real_sglang, capsys):
     """Without --enable-deterministic-inference SGLang ignores sampling_seed (two seeded
     runs differ); the engine reads that from /server_info, says so once, and sends

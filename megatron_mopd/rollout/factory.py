@@ -8,6 +8,9 @@ from megatron_mopd.config import Config
 from megatron_mopd.errors import ConfigError
 from megatron_mopd.rollout.base import RolloutEngine
 
+# rollout.dtype -> the name transformers and SGLang's --dtype use
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 
 def weight_sync_backend(setting: str) -> str:
     """`rollout.weight_sync_backend` resolved: `auto` is nccl with CUDA, gloo without."""
@@ -36,11 +39,16 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
                 "rollout.backend=embedded needs the student as a Hugging Face folder: set "
                 "model.hf_path, or export the student and pass its folder"
             )
-        return EmbeddedRolloutEngine(path, seed=cfg.train.seed)
+        return EmbeddedRolloutEngine(path, seed=cfg.train.seed, dtype=HF_DTYPES[cfg.rollout.dtype])
     if cfg.rollout.backend == "sglang":
         from megatron_mopd.rollout.sglang import SGLangRolloutEngine
 
         engine = SGLangRolloutEngine(cfg.rollout)
+        try:
+            engine.check_dtype(cfg.rollout.dtype)
+        except BaseException:
+            engine.close()
+            raise
         if cfg.rollout.weight_sync == "distributed":
             # the servers join the broadcast group now, once (gloo: tested against real
             # SGLang on CPU; NCCL: GPU clusters, untested here)

@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 from megatron_mopd.config import RolloutConfig
-from megatron_mopd.errors import TeacherError, UserError
+from megatron_mopd.errors import ConfigError, TeacherError, UserError
 from megatron_mopd.rollout.base import RolloutEngine
 from megatron_mopd.rollout.sglang_transfer import (
     NamedTensors,
@@ -96,6 +96,7 @@ class SGLangRolloutEngine(RolloutEngine):
         self._group = None
         self._group_name: str | None = None
         self._seeds_honoured: bool | None = None
+        self._server_info: dict | None = None
         if wait:
             try:
                 self.client.wait_healthy(cfg.startup_timeout_seconds)
@@ -123,12 +124,39 @@ class SGLangRolloutEngine(RolloutEngine):
 
     # ---------------------------------------------------------------- sampling
 
+    def server_info(self) -> dict:
+        """The first worker's `GET /server_info` (SGLang's server arguments), read once."""
+        if self._server_info is None:
+            self._server_info = self.workers.server_info()
+        return self._server_info
+
+    def check_dtype(self, dtype: str) -> None:
+        """`ConfigError` unless the servers' `--dtype` is `rollout.dtype` (`fp32`, `bf16`,
+        `fp16`). A server reporting `auto` (the checkpoint's dtype) or no dtype at all
+        (`mopd serve`) cannot be checked: that is said once, on stderr."""
+        names = {"fp32": {"float32", "float"}, "bf16": {"bfloat16"}, "fp16": {"float16", "half"}}
+        reported = self.server_info().get("dtype")
+        url = self.workers.urls[0]
+        if reported is None or reported == "auto":
+            print(
+                f"rollout engine: {url} reports dtype {reported!r}; rollout.dtype={dtype} is "
+                "taken on trust (start the servers with --dtype to have it checked)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if reported not in names[dtype]:
+            raise ConfigError(
+                f"rollout.dtype={dtype} but the SGLang server {url} runs with --dtype "
+                f"{reported}: set rollout.dtype to match, or restart the server"
+            )
+
     def seeds_honoured(self) -> bool:
         """True if the servers apply `sampling_seed` (`enable_deterministic_inference` in
         the first worker's `GET /get_server_info`; a server without that field, such as
         `mopd serve`, is taken at its word that it samples reproducibly)."""
         if self._seeds_honoured is None:
-            info = self.workers.server_info()
+            info = self.server_info()
             self._seeds_honoured = bool(info.get("enable_deterministic_inference", True))
             if not self._seeds_honoured:
                 print(

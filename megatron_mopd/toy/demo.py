@@ -179,10 +179,12 @@ def run_demo(
     )
     t_train = time.time()
     if sglang:
+        from megatron_mopd.rollout.factory import HF_DTYPES
         from megatron_mopd.toy.sglang_servers import LocalSGLang
 
+        # the rollout server computes log mu in rollout.dtype (bf16: a real mismatch)
         specs = {
-            "student": (toy.student, []),
+            "student": (toy.student, ["--dtype", HF_DTYPES[cfg.rollout.dtype]]),
             "add": (toy.teachers["add"], []),
             "reverse": (toy.teachers["reverse"], []),
         }
