@@ -10,11 +10,16 @@ import os
 import pytest
 
 from megatron_mopd.config import load_config
+from megatron_mopd.errors import UserError
 from megatron_mopd.toy.ablation import (
+    ARM_GROUPS,
     ARMS,
+    DEFAULT_ARMS,
     TOLERANCE,
+    _chosen_arms,
     first_step_at,
     mean_curve,
+    mismatch_stats,
     plot,
     print_table,
     summarize_arm,
@@ -52,9 +57,46 @@ def test_every_arm_is_a_valid_recipe(arm):
 
 
 def test_arms_differ_only_in_the_loss():
-    touched = {o.split("=")[0].split(".")[0] for a in ARMS for o in a.overrides}
+    touched = {o.split("=")[0].split(".")[0] for a in ARMS if a.default for o in a.overrides}
     assert touched <= {"loss", "teachers"}  # teachers: only their top_k, for the dense arm
     assert all(o.endswith("top_k=8") for a in ARMS for o in a.overrides if o.startswith("t"))
+    # the correction arms: the same bf16 engine, only loss.correction differs
+    corrections = [a for a in ARMS if a.name in ARM_GROUPS["corrections"]]
+    assert [a.name for a in corrections] == ["bf16_none", "bf16_tis", "bf16_icepop"]
+    for a in corrections:
+        assert not a.default and "rollout.dtype=bf16" in a.overrides
+        others = {o for o in a.overrides if not o.startswith("loss.correction=")}
+        assert others == {"loss.alpha=0", "rollout.dtype=bf16"}
+
+
+def test_arm_selection():
+    assert [a.name for a in _chosen_arms(None)] == list(DEFAULT_ARMS)
+    assert "bf16_icepop" not in DEFAULT_ARMS
+    got = [a.name for a in _chosen_arms(["corrections", "orm_only"])]
+    assert got == ["orm_only", "bf16_none", "bf16_tis", "bf16_icepop"]
+    with pytest.raises(UserError, match="unknown arm.*nope.*corrections"):
+        _chosen_arms(["nope"])
+
+
+def test_mismatch_stats(tmp_path):
+    rows = [
+        {
+            "step": s,
+            "ratio_abs_dev": 0.01 * s,
+            "discard_low_frac": 0.1,
+            "reverse_kl": float(s),
+            "grad_norm": 2.0 * s,
+            "skipped": s == 3,
+        }
+        for s in range(1, 11)
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 0, "eval": 1}\n')
+    st = mismatch_stats(str(path))
+    assert st["ratio_abs_dev"] == pytest.approx(0.055)
+    assert st["out_of_bounds_frac"] == pytest.approx(0.1)  # no discard_high: 0
+    assert st["reverse_kl_last"] == pytest.approx(9.5)  # steps 9 and 10
+    assert st["grad_norm_max"] == 20.0 and st["skipped_steps"] == 1
 
 
 def test_first_step_at():

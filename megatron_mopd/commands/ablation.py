@@ -8,7 +8,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mopd ablation`."""
-    from megatron_mopd.toy.ablation import ARM_NAMES
+    from megatron_mopd.toy.ablation import ARM_GROUPS, ARM_NAMES, DEFAULT_ARMS
 
     parser.add_argument("--run-dir", default="runs/ablation", help="where the arms are written")
     parser.add_argument(
@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--arms",
-        default=",".join(ARM_NAMES),
-        help=f"comma-separated arms to run (default: all of {', '.join(ARM_NAMES)})",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma-separated arms to run (default: {', '.join(DEFAULT_ARMS)}; also "
+        f"{', '.join(n for n in ARM_NAMES if n not in DEFAULT_ARMS)}, and 'corrections' = "
+        f"{', '.join(ARM_GROUPS['corrections'])})",
     )
     parser.add_argument("--steps", type=int, default=None, help="steps per arm (recipe default)")
     parser.add_argument(

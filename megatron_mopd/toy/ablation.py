@@ -15,6 +15,15 @@ the recipe `examples/toy/mopd.yaml`, and differs only in the loss:
 - `mopd_topk`: MOPD with the dense top-k reverse KL (teachers return their top 8) instead
   of the sampled-token advantage (`alpha = 0`): the estimator comparison.
 
+The correction arms (`--arms corrections`, not in the default set) sample with a bf16
+rollout engine (`rollout.dtype=bf16`) while Megatron trains in fp32, so the importance
+ratio r = pi / mu differs from 1 for real, and differ only in what the loss does with it:
+`bf16_none` (`loss.correction=none`: r ignored), `bf16_tis` (truncated, min(r, eps_high))
+and `bf16_icepop` (out-of-bounds tokens discarded, MiMo's choice). For these the summary
+also has each arm's mismatch and stability: mean |r - 1|, the fraction of tokens out of
+IcePop's bounds, the reverse KL to the teachers over the last fifth of the steps, the
+largest gradient norm and the skipped steps (`mismatch` in summary.json).
+
 The trainer evaluates greedy exact match on the held-out prompts every `eval_interval`
 steps (and at step 0). Written: RUN_DIR/<arm>/ (each arm's run: metrics.jsonl,
 eval.jsonl, TensorBoard; RUN_DIR/<arm>/seed_<s>/ with several seeds), RUN_DIR/summary.json (each arm's per-domain accuracy curve, its
@@ -45,6 +54,7 @@ class Arm:
     name: str
     description: str
     overrides: tuple[str, ...]
+    default: bool = True  # run when --arms is not given
 
 
 ARMS = (
@@ -66,7 +76,41 @@ ARMS = (
         ),
     ),
 )
+ARMS += tuple(
+    Arm(
+        f"bf16_{c}",
+        f"MOPD under a bf16 rollout engine, correction = {c}",
+        ("loss.alpha=0", "rollout.dtype=bf16", f"loss.correction={c}"),
+        default=False,
+    )
+    for c in ("none", "tis", "icepop")
+)
 ARM_NAMES = tuple(a.name for a in ARMS)
+DEFAULT_ARMS = tuple(a.name for a in ARMS if a.default)
+# names that stand for several arms in --arms
+ARM_GROUPS = {"corrections": tuple(a.name for a in ARMS if a.name.startswith("bf16_"))}
+
+
+def mismatch_stats(metrics_jsonl: str) -> dict:
+    """Train/inference mismatch and stability of one run, from its metrics.jsonl: mean
+    |r - 1| and out-of-bounds fraction (discard_low + discard_high) over all steps, the
+    reverse KL to the teachers averaged over the last fifth of the steps, the largest
+    gradient norm, and how many steps were skipped (non-finite)."""
+    rows = [json.loads(line) for line in open(metrics_jsonl) if '"ratio_abs_dev"' in line]
+    if not rows:
+        return {}
+    tail = rows[-max(1, len(rows) // 5) :]
+
+    def mean(key: str, part: list[dict]) -> float:
+        return sum(float(r.get(key, 0.0)) for r in part) / len(part)
+
+    return {
+        "ratio_abs_dev": mean("ratio_abs_dev", rows),
+        "out_of_bounds_frac": mean("discard_low_frac", rows) + mean("discard_high_frac", rows),
+        "reverse_kl_last": mean("reverse_kl", tail),
+        "grad_norm_max": max(float(r.get("grad_norm", 0.0)) for r in rows),
+        "skipped_steps": sum(bool(r.get("skipped")) for r in rows),
+    }
 
 
 def first_step_at(curve: list[tuple[int, float]], level: float) -> int | None:
@@ -90,9 +134,11 @@ def summarize_arm(
     per_seed: dict[int, dict[str, list[tuple[int, float]]]],
     teachers: dict[str, float],
     seconds: float,
+    mismatch: list[dict] | None = None,
 ) -> dict:
     """One arm's entry of summary.json from each seed's per-domain curves: the mean curve,
-    its final accuracy and first step at the teacher's level, and the same per seed."""
+    its final accuracy and first step at the teacher's level, and the same per seed;
+    `mismatch`: each seed's `mismatch_stats`, averaged into the entry's `mismatch`."""
 
     def reached(curves: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
         return {d: first_step_at(curves.get(d, []), teachers[d] - TOLERANCE) for d in teachers}
@@ -113,7 +159,13 @@ def summarize_arm(
             for seed, c in per_seed.items()
         },
         "seconds": round(seconds, 1),
+        **({"mismatch": _mean_stats(mismatch)} if mismatch else {}),
     }
+
+
+def _mean_stats(per_seed: list[dict]) -> dict:
+    keys = sorted({k for st in per_seed for k in st})
+    return {k: sum(st.get(k, 0.0) for st in per_seed) / len(per_seed) for k in keys}
 
 
 def plot(summary: dict, out_png: str) -> None:
@@ -209,12 +261,15 @@ def run_ablation(
         shutil.rmtree(arm_dir, ignore_errors=True)
         print(f"== arm {k}/{len(chosen)}: {arm.name} ({arm.description})", flush=True)
         t = time.time()
-        per_seed = {}
+        per_seed, stats = {}, []
         for seed in summary["seeds"]:
             seed_dir = arm_dir if len(summary["seeds"]) == 1 else f"{arm_dir}/seed_{seed}"
             train_recipe(seed_dir, nproc, [*common, *arm.overrides, f"train.seed={seed}"])
             per_seed[seed] = eval_curves(seed_dir)
-        summary["arms"][arm.name] = summarize_arm(arm, per_seed, teachers, time.time() - t)
+            stats.append(mismatch_stats(os.path.join(seed_dir, "metrics.jsonl")))
+        summary["arms"][arm.name] = summarize_arm(
+            arm, per_seed, teachers, time.time() - t, stats if arm.name.startswith("bf16") else None
+        )
         _write(run_dir, summary)  # after every arm: an interrupted ablation keeps what it ran
     summary["wall_seconds"] = round(time.time() - t0, 1)
     _write(run_dir, summary)
@@ -225,11 +280,13 @@ def run_ablation(
 
 
 def _chosen_arms(arms: list[str] | None) -> list[Arm]:
-    """The arms named in `arms` (default: all), in `ARMS` order."""
-    names = list(arms or ARM_NAMES)
+    """The arms named in `arms` (default: `DEFAULT_ARMS`; a name of `ARM_GROUPS` stands
+    for its arms), in `ARMS` order."""
+    names = [n for a in (arms or DEFAULT_ARMS) for n in ARM_GROUPS.get(a, (a,))]
     unknown = [n for n in names if n not in ARM_NAMES]
     if unknown:
-        raise UserError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARM_NAMES)}")
+        choices = ", ".join([*ARM_NAMES, *ARM_GROUPS])
+        raise UserError(f"--arms: unknown arm(s) {unknown}; choose from {choices}")
     return [a for a in ARMS if a.name in names]
 
 
@@ -278,6 +335,18 @@ def print_table(summary: dict) -> None:
                 reached += " (" + ",".join(step(r["first_step_at_teacher"][d]) for r in runs) + ")"
             cells += f"{arm['final'].get(d, float('nan')):>14.3f}{reached:>{width}}"
         print(f"{name:<14}{cells}")
+    with_stats = {n: a["mismatch"] for n, a in summary["arms"].items() if a.get("mismatch")}
+    if with_stats:
+        print(
+            f"\n{'arm':<14}{'mean |r-1|':>12}{'out of bounds':>15}{'KL (last 1/5)':>15}"
+            f"{'max grad norm':>15}{'skipped':>9}"
+        )
+        for name, st in with_stats.items():
+            print(
+                f"{name:<14}{st['ratio_abs_dev']:>12.2e}{st['out_of_bounds_frac']:>15.2e}"
+                f"{st['reverse_kl_last']:>15.4f}{st['grad_norm_max']:>15.2f}"
+                f"{st['skipped_steps']:>9.0f}"
+            )
     mean = "the mean curve of seeds " if len(seeds) > 1 else "seed "
     print(
         f"\n'reached': first evaluation (every {summary['eval_interval']} steps) with accuracy "
