@@ -13,7 +13,8 @@ main parameters), beside the estimate for this rank's stage.
 `activations` (one process): the bytes autograd saves for the backward pass during one
 forward (saved-tensor hooks, each storage counted once, parameters excluded), for a
 2-layer and a 4-layer model of the local spec: their difference / 2 is one layer's
-activations, beside `layer_activation_bytes` (implementation "local").
+activations, beside `layer_activation_bytes` (implementation "local"); also with full
+recomputation (uniform, 1 layer), beside what `stage_activation_bytes` keeps per layer.
 """
 
 from __future__ import annotations
@@ -112,16 +113,35 @@ def state_case(case: dict) -> dict:
     }
 
 
-def saved_bytes(num_layers: int, tokens: int, moe: bool) -> int:
-    """Bytes autograd keeps for the backward pass during one forward of the model."""
+def saved_bytes(num_layers: int, tokens: int, moe: bool, recompute: bool = False) -> int:
+    """Bytes autograd keeps for the backward pass during one forward of the model (with
+    `recompute`: megatron-core's full recomputation, uniform, one layer per checkpoint,
+    set on the TransformerConfig the model is built from)."""
+    from megatron_mopd.student import model as model_module
     from megatron_mopd.student.model import build_model
+
+    real = model_module.to_transformer_config
+    if recompute:
+
+        def with_recompute(*args, **kwargs):
+            config = real(*args, **kwargs)
+            config.recompute_granularity = "full"
+            config.recompute_method = "uniform"
+            config.recompute_num_layers = 1
+            return config
+
+        model_module.to_transformer_config = with_recompute
 
     model_cfg = dataclasses.replace(
         MODEL, num_layers=num_layers, params_dtype="bf16", num_moe_experts=4 if moe else None
     )
     parallel = ParallelConfig()
     distributed.init_distributed(parallel, model_cfg, seed=0)
-    model = build_model(model_cfg, parallel)[0]
+    try:
+        model = build_model(model_cfg, parallel)[0]
+    finally:
+        model_module.to_transformer_config = real
+    model.train()
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -162,6 +182,34 @@ def activation_cases() -> dict:
                 "measured": measured,
                 "estimated": sum(pieces.values()),
             }
+    for moe in (True, False):  # full recomputation: each layer keeps its input only
+        tokens = 128
+        measured = (
+            saved_bytes(4, tokens, moe, recompute=True)
+            - saved_bytes(2, tokens, moe, recompute=True)
+        ) / 2
+        model_cfg = dataclasses.replace(
+            MODEL, params_dtype="bf16", num_moe_experts=4 if moe else None
+        )
+        _, s = _estimate(
+            model_cfg,
+            ParallelConfig(),
+            1,
+            implementation="local",
+            tokens_per_microbatch=tokens,
+            seq_len=tokens,
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=1,
+            micro_batches=1,
+        )
+        # the stage with 4 layers minus the stage with 2, over 2: one layer's kept input
+        four = memory.stage_activation_bytes(dataclasses.replace(model_cfg, num_layers=4), s, 0)
+        two = memory.stage_activation_bytes(dataclasses.replace(model_cfg, num_layers=2), s, 0)
+        out[f"{'moe' if moe else 'dense'}_T{tokens}_full_recompute"] = {
+            "measured": measured,
+            "estimated": (four["total"] - two["total"]) / 2,
+        }
     return out
 
 
