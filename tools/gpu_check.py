@@ -16,9 +16,10 @@ and exits non-zero when a step fails:
    distributed optimizer) on a synthetic scored batch: loss and gradient norm finite, the
    weights changed.
 3. `throughput`: train steps of a ~1.2B-parameter MoE (16 layers, hidden 1024, 32 experts
-   top-4 of width 1024, vocabulary 151,936; `--tiny`: a small one) on sequences of
+   top-4 of width 512, vocabulary 151,936; `--tiny`: a small one) on sequences of
    `--seq-len` tokens: tokens/s and model FLOPs utilisation against `--peak-tflops`
-   (dense bf16 peak of the GPU: 989 for H100/H200 SXM), and the peak GPU memory.
+   (dense bf16 peak of the GPU: 989 for H100/H200 SXM), and the peak GPU memory beside
+   the estimate of `student.memory` for the same step (local spec, whole logits).
 
 Writes `--out DIR/gpu_check.json` with every figure.
 """
@@ -246,7 +247,7 @@ def throughput_config(tiny: bool):
         qk_layernorm=True,
         num_moe_experts=32,
         moe_router_topk=4,
-        moe_ffn_hidden_size=1024,
+        moe_ffn_hidden_size=512,
         params_dtype="bf16",
         transformer_impl="local",
     )
@@ -269,6 +270,30 @@ def model_flops_per_token(cfg, seq_len: int) -> tuple[float, int, int]:
     active = L * (attn + router + experts_active) + vocab  # the output layer's matmul
     flops = 6 * active + 6 * L * seq_len * q
     return flops, total, active
+
+
+def memory_estimate(cfg, seq: int, n_seq: int) -> float:
+    """`student.memory`'s per-GPU bytes for the throughput step (local spec, whole logits,
+    one sequence per micro-batch, distributed optimizer at DP1)."""
+    import dataclasses
+
+    from megatron_mopd.config import Config, ParallelConfig, TrainConfig
+    from megatron_mopd.student import memory
+
+    full = Config(
+        model=cfg,
+        parallel=ParallelConfig(use_distributed_optimizer=True),
+        train=TrainConfig(micro_batch_size=1),
+    )
+    s = dataclasses.replace(
+        memory.settings_from_config(full, 1),
+        implementation="local",
+        tokens_per_microbatch=seq,
+        seq_len=seq,
+        logits_chunk_tokens=0,
+        micro_batches=n_seq,
+    )
+    return memory.estimate_from_settings(cfg, s).total_bytes
 
 
 def check_throughput(args, device, parallel) -> None:
@@ -312,19 +337,23 @@ def check_throughput(args, device, parallel) -> None:
         destroy(keep_process_group=True)
     tokens = steps * n_seq * seq
     tps = tokens / seconds
+    estimated = memory_estimate(cfg, seq, n_seq)
     flops, total, active = model_flops_per_token(cfg, seq)
     mfu = tps * flops / (args.peak_tflops * 1e12)
     ok = math.isfinite(float(out["loss"]))
-    peak_txt = f", peak memory {peak / 2**30:.1f} GiB" if peak is not None else ""
+    peak_txt = f", estimated {estimated / 2**30:.1f} GiB"
+    if peak is not None:
+        peak_txt = f", peak memory {peak / 2**30:.1f} GiB ({estimated / 2**30:.1f} estimated)"
     report(
         "throughput",
         ok,
-        f"{total / 1e9:.2f}B-parameter MoE ({active / 1e9:.2f}B active), {n_seq} x {seq} tokens "
+        f"{total / 1e9:.3g}B-parameter MoE ({active / 1e9:.3g}B active), {n_seq} x {seq} tokens "
         f"a step, {steps} steps: {tps:,.0f} tokens/s, MFU {mfu * 100:.1f}% of "
         f"{args.peak_tflops:g} TFLOP/s{peak_txt}, loss {float(out['loss']):.3f}",
         tokens_per_second=tps,
         mfu=mfu,
         peak_memory_bytes=peak,
+        estimated_memory_bytes=estimated,
         total_params=total,
         active_params=active,
         flops_per_token=flops,
