@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             parallel_from_args(args),
             params_dtype=args.dtype,
             tokenizer_dir=args.tokenizer,
+            layer_spec=args.transformer_impl,
         )
     except UserError as e:  # raised alike on every rank: said once
         if os.environ.get("RANK", "0") == "0":

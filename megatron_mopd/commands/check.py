@@ -52,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="check the parallel layout against N processes",
     )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=80.0,
+        metavar="GB",
+        help="with --world-size: the GPU memory the per-GPU estimate is compared with "
+        "(default 80; tools/memory_model.py prints the whole table)",
+    )
 
 
 @dataclass
@@ -344,6 +352,16 @@ def _check_servers(
         )
 
 
+def _memory_line(cfg: Any, arch: Any, world_size: int, gpu_memory_gb: float) -> str:
+    """The per-GPU memory estimate of the train step (`student.memory`) and its headroom."""
+    import dataclasses
+
+    from megatron_mopd.student.memory import estimate_memory, headroom_line
+
+    est = estimate_memory(dataclasses.replace(cfg, model=arch), world_size)
+    return headroom_line(est, gpu_memory_gb)
+
+
 def run_preflight(
     cfg: Any,
     offline: bool = False,
@@ -351,6 +369,7 @@ def run_preflight(
     echo: Callable[[str], None] | None = None,
     strict: bool = True,
     wait_for_servers: bool = False,
+    gpu_memory_gb: float | None = None,
 ) -> PreflightReport:
     """Every check of `mopd check` on a loaded config; returns the report.
 
@@ -359,7 +378,9 @@ def run_preflight(
     `echo` prints lines as they come; `offline` skips every network check;
     `wait_for_servers` polls servers that are still starting until each one's
     `startup_timeout_seconds` after the checks began (what the trainer wants: servers
-    start in parallel, so the waits overlap instead of adding up).
+    start in parallel, so the waits overlap instead of adding up). With `gpu_memory_gb`
+    and `world_size`, a `memory` line gives the per-GPU estimate of `student.memory`
+    against that GPU size (informational: never a failure).
     """
     report = PreflightReport(echo=echo)
     began = time.monotonic()
@@ -372,6 +393,8 @@ def run_preflight(
     arch_box: list = []
     report.run("layout", lambda: _check_layout(cfg, world_size, arch_box, offline))
     arch = arch_box[0] if arch_box else None
+    if gpu_memory_gb and world_size and arch is not None:
+        report.run("memory", lambda: _memory_line(cfg, arch, world_size, gpu_memory_gb))
 
     tok_box: list = []
     report.run("student tokenizer", lambda: _check_student_tokenizer(cfg, arch, tok_box, offline))
@@ -408,7 +431,14 @@ def run(args: argparse.Namespace) -> int:
         return f"{args.recipe}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")
 
     if report.run("config", load):
-        sub = run_preflight(cfg_box[0], args.offline, args.world_size, echo=print, strict=False)
+        sub = run_preflight(
+            cfg_box[0],
+            args.offline,
+            args.world_size,
+            echo=print,
+            strict=False,
+            gpu_memory_gb=getattr(args, "gpu_memory_gb", 80.0),
+        )
         report.results.extend(sub.results)
     report.raise_if_failed()
     skipped = sum(r.status == "SKIP" for r in report.results)

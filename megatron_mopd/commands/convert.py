@@ -46,6 +46,13 @@ def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer", metavar="DIR", default=None, help="tokenizer folder (default: HF_DIR)"
     )
+    parser.add_argument(
+        "--transformer-impl",
+        choices=("local", "transformer_engine"),
+        default=None,
+        help="store the tensors under this layer spec's names (default: the spec built "
+        "here, local on CPU); the checkpoint loads under both specs",
+    )
     add_layout_arguments(parser)
 
 
@@ -129,7 +136,12 @@ def _convert(args: argparse.Namespace) -> str:
     parallel = parallel_from_args(args)
     if args.direction == "hf-to-mcore":
         out = mcore.hf_to_mcore(
-            args.hf, args.out, parallel, params_dtype=args.dtype, tokenizer_dir=args.tokenizer
+            args.hf,
+            args.out,
+            parallel,
+            params_dtype=args.dtype,
+            tokenizer_dir=args.tokenizer,
+            layer_spec=args.transformer_impl,
         )
     else:
         out = mcore.mcore_to_hf(

@@ -48,14 +48,36 @@ def dist_checkpointing_io() -> Iterator[None]:
 # the model's sharded state dict
 
 
-def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
+def model_sharded_state_dict(
+    model_chunks: list[Any], layer_spec: str | None = None
+) -> dict[str, Any]:
     """The sharded state dict of the model chunks (`model`, or `model0`, `model1`, ... with
-    several chunks), keyed in the checkpoint by megatron-core's global tensor names."""
+    several chunks), keyed in the checkpoint by megatron-core's global tensor names: those
+    of the chunks' own layer spec, or of `layer_spec` (`local` / `transformer_engine`,
+    see `convert.layer_specs`) when given."""
+    from megatron_mopd.convert import layer_specs
     from megatron_mopd.convert.mapping import unwrap
 
     if len(model_chunks) == 1:
-        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+        sharded = {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    else:
+        sharded = {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    if layer_spec is not None and model_chunks:
+        own = layer_specs.model_spec(model_chunks[0])
+        layer_specs.rename_sharded_keys(
+            sharded, layer_specs.model_is_moe(model_chunks[0]), own, layer_spec
+        )
+    return sharded
+
+
+def checkpoint_layer_spec(model_chunks: list[Any], ckpt_dir: str) -> tuple[str | None, set[str]]:
+    """The layer spec whose names the checkpoint in `ckpt_dir` uses (None when the names
+    do not tell: dense models), and its stored keys (read from its metadata file)."""
+    from megatron_mopd.convert import layer_specs
+
+    stored = layer_specs.checkpoint_keys(ckpt_dir)
+    is_moe = bool(model_chunks) and layer_specs.model_is_moe(model_chunks[0])
+    return layer_specs.spec_of_keys(stored, is_moe), stored
 
 
 def merge_in_place(sharded: dict[str, Any]) -> None:

@@ -29,11 +29,16 @@ once plus, while `convert.hf` reads the safetensors through mmap, the pages it t
 (`convert.hf.SafetensorsStreamWriter`); the experts' fused `linear_fc1` halves load in place
 (`dist_ckpt.merge_in_place`). Under torchrun each rank holds its shards.
 
-Left out: checkpoints written with the Transformer Engine layer spec (GPU) are not tested on
-these machines. megatron-core keys the local spec's tensors by the TE names
-(`linear_qkv.layer_norm_weight`, `experts.experts.linear_fc1.weight`), so the two are meant to
-be interchangeable. Virtual pipeline stages (several chunks per rank) are handled by the
-format (`model0`, `model1`, ...) but not exercised. Async saves are not used.
+Layer specs: the local spec (CPU) and the Transformer Engine spec (GPU) store the same keys
+except the pre-MLP norm of MoE layers (`decoder.layers.mlp.linear_fc1.layer_norm_weight`
+local, `decoder.layers.pre_mlp_layernorm.weight` TE; see `convert.layer_specs`). A save
+writes the model's own names, or another spec's (`layer_spec=`, `mopd convert hf-to-mcore
+--transformer-impl`); a load reads the names from the checkpoint's metadata and renames the
+model's keys to match, and skips `_extra_state` objects the checkpoint lacks. Tested on CPU
+by renaming the keys of local-spec models (TE itself cannot be built here).
+
+Left out: virtual pipeline stages (several chunks per rank) are handled by the format
+(`model0`, `model1`, ...) but not exercised. Async saves are not used.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import torch.distributed as dist
 
 from megatron_mopd.config import ModelConfig, ParallelConfig, check_layout, check_world_size
 from megatron_mopd.convert.dist_ckpt import (
+    checkpoint_layer_spec,
     dist_checkpointing_io,
     load_error_text,
     load_errors,
@@ -259,13 +265,17 @@ def read_mcore_config(mcore_dir: str | os.PathLike, base: ModelConfig | None = N
     return cfg
 
 
-def _model_meta(model_cfg: ModelConfig, files: dict[str, int], source: str | None) -> dict:
+def _model_meta(
+    model_cfg: ModelConfig, files: dict[str, int], source: str | None, layer_spec: str | None
+) -> dict:
     import megatron.core
     from megatron.core import parallel_state as ps
 
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        # informational: loads read the names from the checkpoint's own metadata
+        "layer_spec": layer_spec,
         "model": {k: getattr(model_cfg, k) for k in _arch_fields()},
         "params_dtype": model_cfg.params_dtype,
         "saved_layout": {
@@ -282,14 +292,17 @@ def _model_meta(model_cfg: ModelConfig, files: dict[str, int], source: str | Non
 
 
 def write_mcore_description(
-    folder: str | os.PathLike, model_cfg: ModelConfig, source: str | None = None
+    folder: str | os.PathLike,
+    model_cfg: ModelConfig,
+    source: str | None = None,
+    layer_spec: str | None = None,
 ) -> None:
     """Write `mopd_model.json` into a folder where a dist_checkpointing save has just
     finished (call it on one rank, after the save): the architecture, the layout, and the
     size of every checkpoint file. With it the folder is a Megatron checkpoint that
     `read_mcore_config`, `load_mcore_checkpoint` and `mopd convert mcore-to-hf` accept."""
     folder = os.fspath(folder)
-    meta = _model_meta(model_cfg, _checkpoint_files(folder), source)
+    meta = _model_meta(model_cfg, _checkpoint_files(folder), source, layer_spec)
     _write_json(os.path.join(folder, MODEL_FILE), meta)
 
 
@@ -325,6 +338,7 @@ def save_mcore_checkpoint(
     out_dir: str | os.PathLike,
     hf_dir: str | os.PathLike | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    layer_spec: str | None = None,
 ) -> str:
     """Save the model as a Megatron checkpoint folder that loads at any layout; return it.
 
@@ -333,9 +347,13 @@ def save_mcore_checkpoint(
     `model_cfg`), and copies `config.json` and the tokenizer files of `hf_dir` (default
     `model_cfg.hf_path`; tokenizer from `tokenizer_dir` when given). Everything is written
     under a temporary name and renamed when complete, so `out_dir` is never partial. Raises
-    `UserError` (on every rank) when `out_dir` exists and is not empty.
+    `UserError` (on every rank) when `out_dir` exists and is not empty. `layer_spec`
+    (`local` / `transformer_engine`): write that spec's tensor names instead of the model's
+    own (`convert.layer_specs`); either loads under both specs.
     """
     from megatron.core import dist_checkpointing
+
+    from megatron_mopd.convert import layer_specs
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     src = os.fspath(hf_dir) if hf_dir is not None else model_cfg.hf_path
@@ -348,12 +366,13 @@ def save_mcore_checkpoint(
         os.makedirs(tmp)
 
     _on_rank0(prepare)
+    spec = layer_spec or layer_specs.model_spec(model_chunks[0])
     with dist_checkpointing_io():
-        dist_checkpointing.save(model_sharded_state_dict(model_chunks), tmp)
+        dist_checkpointing.save(model_sharded_state_dict(model_chunks, spec), tmp)
 
     def publish() -> None:
         _copy_hf_side_files(src, tok, tmp)
-        write_mcore_description(tmp, model_cfg, source=src)
+        write_mcore_description(tmp, model_cfg, source=src, layer_spec=spec)
         if os.path.isdir(out_dir):  # an empty folder given as the destination
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
@@ -373,9 +392,13 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_mopd.convert import layer_specs
+
     mcore_dir = os.fspath(mcore_dir)
     read_mcore_metadata(mcore_dir)  # every rank sees the same shared folder
-    sharded = model_sharded_state_dict(model_chunks)
+    spec, stored = checkpoint_layer_spec(model_chunks, mcore_dir)
+    sharded = model_sharded_state_dict(model_chunks, spec)  # the checkpoint's names
+    skipped = layer_specs.missing_extra_states(sharded, stored)
     merge_in_place(sharded)
     error = None
     try:
@@ -384,6 +407,7 @@ def load_mcore_checkpoint(model_chunks: list[Any], mcore_dir: str | os.PathLike)
     except load_errors() as e:
         error = f"Megatron checkpoint {mcore_dir}: does not fit this model: {load_error_text(e)}"
     _all_ok(error)
+    layer_specs.fill_extra_states(loaded, skipped)
     load_model_state(model_chunks, loaded)
 
 
@@ -420,6 +444,7 @@ def hf_to_mcore(
     parallel: ParallelConfig | None = None,
     params_dtype: str | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    layer_spec: str | None = None,
 ) -> str:
     """Convert the HF model in `hf_dir` into a Megatron checkpoint folder `out_dir`.
 
@@ -428,7 +453,9 @@ def hf_to_mcore(
     one process. Either way the folder loads at any layout. The dtype is `params_dtype`
     (`fp32`/`bf16`/`fp16`), by default the HF checkpoint's own. Creates (and tears down) the
     process groups itself. Every input check (architecture, tokenizer, layout, output folder)
-    runs before any process group exists and raises a one-line `UserError`.
+    runs before any process group exists and raises a one-line `UserError`. `layer_spec`
+    names the tensors as that layer spec stores them (`local` / `transformer_engine`;
+    default: the spec the model is built with here); the folder loads under both.
     """
     from megatron_mopd.convert.hf_config import model_config_from_hf, params_dtype_of_hf
     from megatron_mopd.distributed import destroy, init_distributed
@@ -445,7 +472,9 @@ def hf_to_mcore(
     init_distributed(parallel, model_cfg, seed=model_cfg.seed)
     try:
         chunks, model_cfg = build_student(model_cfg, parallel)
-        return save_mcore_checkpoint(chunks, model_cfg, out_dir, hf_dir, tokenizer_dir)
+        return save_mcore_checkpoint(
+            chunks, model_cfg, out_dir, hf_dir, tokenizer_dir, layer_spec=layer_spec
+        )
     finally:
         destroy()
 

@@ -219,11 +219,14 @@ def training_sharded_state_dict(
     scheduler: Any,
     is_loading: bool,
     optimizer_format: str = "fully_reshardable",
+    layer_spec: str | None = None,
 ) -> dict[str, Any]:
-    """The sharded state dict saved by `save_training_state` (model, optimizer, scheduler)."""
+    """The sharded state dict saved by `save_training_state` (model, optimizer, scheduler),
+    keyed by the names of `layer_spec` (`convert.layer_specs`; default: the model's own),
+    the optimizer's keys following the model's."""
     from megatron_mopd.convert.dist_ckpt import model_sharded_state_dict
 
-    state: dict[str, Any] = model_sharded_state_dict(model_chunks)
+    state: dict[str, Any] = model_sharded_state_dict(model_chunks, layer_spec)
     model_part = dict(state)
     info: dict[str, Any] = {
         "version": STATE_VERSION,
@@ -256,6 +259,7 @@ def save_training_state(
     out_dir: str | os.PathLike,
     model_cfg: ModelConfig | None = None,
     optimizer_format: str = "fully_reshardable",
+    layer_spec: str | None = None,
 ) -> None:
     """Save model, optimizer and LR scheduler to `out_dir` (collective; every rank calls it).
 
@@ -272,7 +276,8 @@ def save_training_state(
     `scheduler` may be None (model only). With `model_cfg`, the folder also gets
     `mopd_model.json`, which makes it a Megatron checkpoint that
     `convert.mcore.load_mcore_checkpoint` and `mopd convert mcore-to-hf --tokenizer DIR` read
-    (the model part).
+    (the model part). `layer_spec`: save under that layer spec's tensor names instead of
+    the model's own (`convert.layer_specs`; resumes under either spec).
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -282,15 +287,23 @@ def save_training_state(
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    from megatron_mopd.convert.layer_specs import model_spec
+
+    spec = layer_spec or model_spec(model_chunks[0])
     state = training_sharded_state_dict(
-        model_chunks, optimizer, scheduler, is_loading=False, optimizer_format=optimizer_format
+        model_chunks,
+        optimizer,
+        scheduler,
+        is_loading=False,
+        optimizer_format=optimizer_format,
+        layer_spec=spec,
     )
     with dist_checkpointing_io():
         dist_checkpointing.save(state, out_dir)  # ends with a barrier
     if model_cfg is not None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
-            write_mcore_description(out_dir, model_cfg)
+            write_mcore_description(out_dir, model_cfg, layer_spec=spec)
         if dist.is_initialized():
             dist.barrier()
 
@@ -314,7 +327,9 @@ def load_training_state(
         )
     from megatron.core import dist_checkpointing
 
+    from megatron_mopd.convert import layer_specs
     from megatron_mopd.convert.dist_ckpt import (
+        checkpoint_layer_spec,
         dist_checkpointing_io,
         load_error_text,
         load_errors,
@@ -337,9 +352,17 @@ def load_training_state(
     saved_format = info.get("optimizer_format", "fully_reshardable")
     if optimizer is not None and _uses_distributed_optimizer(optimizer):
         _check_resumable_layout(info, in_dir)
+    # the checkpoint's layer-spec names (local or TE; the optimizer's keys follow the model's)
+    spec, stored = checkpoint_layer_spec(model_chunks, in_dir)
     state = training_sharded_state_dict(
-        model_chunks, optimizer, scheduler, is_loading=True, optimizer_format=saved_format
+        model_chunks,
+        optimizer,
+        scheduler,
+        is_loading=True,
+        optimizer_format=saved_format,
+        layer_spec=spec,
     )
+    skipped = layer_specs.missing_extra_states(state, stored)
     merge_in_place(state)  # fused fc1 halves: no concatenated copy of every expert's fc1
     try:
         with dist_checkpointing_io():
@@ -348,6 +371,7 @@ def load_training_state(
         raise UserError(
             f"training checkpoint {in_dir}: does not fit this model: {load_error_text(e)}"
         ) from None
+    layer_specs.fill_extra_states(loaded, skipped)
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"], info)

@@ -1,0 +1,110 @@
+"""Per-GPU memory of a recipe's train step, from the config alone (`student.memory`).
+
+    python tools/memory_model.py examples/qwen3_30b_a3b/mopd.yaml --world-size 16
+    python tools/memory_model.py RECIPE --world-size 16 model.recompute_granularity=full ...
+
+Prints, for the worst pipeline stage, the bytes of the weights, the fp32 gradients, the
+Adam state (sharded by the distributed optimizer: dense over DP, experts over expert-DP),
+the activations (with the recomputation and micro-batch settings of the recipe, times the
+micro-batches the 1F1B schedule keeps in flight) and the logits, then every stage's total
+and the headroom against `--gpu-memory-gb` (80). `--compare` also prints the total with
+each memory feature switched off, one at a time. What the estimate leaves out is in
+`megatron_mopd/student/memory.py`.
+
+The keys `model.recompute_*`, `model.logits_chunk_tokens`, `model.make_vocab_size_
+divisible_by` and `train.max_tokens_per_microbatch` are read even where this checkout's
+config does not define them yet (they are taken out of the recipe before it is validated
+and set afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PENDING = {
+    "model": (
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_modules",
+        "logits_chunk_tokens",
+        "make_vocab_size_divisible_by",
+    ),
+    "train": ("max_tokens_per_microbatch",),
+}
+
+
+def load_recipe(path: str, overrides: list[str]):
+    """`config.load_config`, with the PENDING keys this checkout may not know yet."""
+    import yaml
+
+    from megatron_mopd.config import Config, from_dict
+    from megatron_mopd.config_tree import apply_override
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    for item in overrides:
+        apply_override(raw, item)
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    pending: dict[str, dict] = {}
+    for section, keys in PENDING.items():
+        fields = {f.name for f in dataclasses.fields(known[section].default_factory)}
+        part = raw.get(section) or {}
+        for key in keys:
+            if key in part and key not in fields:
+                pending.setdefault(section, {})[key] = part.pop(key)
+    cfg = from_dict(Config, raw, "")
+    cfg.validate()
+    for section, values in pending.items():
+        for key, value in values.items():
+            object.__setattr__(getattr(cfg, section), key, value)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_mopd.errors import ConfigError
+    from megatron_mopd.student.memory import GIB, estimate_memory, format_table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="GB")
+    parser.add_argument("--compare", action="store_true", help="each feature off, one at a time")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        p = cfg.parallel
+        world = args.world_size or p.tp * p.pp
+        est = estimate_memory(cfg, world)
+        print(f"{args.recipe} at world size {world}")
+        print(format_table(est, args.gpu_memory_gb))
+        if args.compare:
+            print("\nwith one feature off:")
+            for name, section, key, value in (
+                ("no recomputation", "model", "recompute_granularity", None),
+                ("whole logits", "model", "logits_chunk_tokens", 0),
+                ("no token budget", "train", "max_tokens_per_microbatch", 0),
+            ):
+                other = copy.deepcopy(cfg)
+                object.__setattr__(getattr(other, section), key, value)
+                total = estimate_memory(other, world).total_bytes
+                print(f"  {name:<24} {total / GIB:9.2f} GiB")
+            other = copy.deepcopy(cfg)
+            other.parallel.use_distributed_optimizer = False
+            total = estimate_memory(other, world).total_bytes
+            print(f"  {'no distributed optimizer':<24} {total / GIB:9.2f} GiB")
+    except (ConfigError, OSError) as e:
+        print(f"memory_model: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
