@@ -7,7 +7,7 @@ Every case builds the tiny MoE student of tests/workers/mopd_cases.py (layout-in
 init), runs `steps` MOPD steps (sampled estimator, three domains) on one global batch of
 8 sequences whose lengths differ a lot (so the two DP halves need different numbers of
 token-budget micro-batches), and saves per case: the first step's output, every
-parameter's gradient after it and every parameter after the last step (by global name
+parameter's gradient after it and every parameter before the first and after the last step (by global name
 with shard info, tests/test_micro_batches.py unshards them), the micro-batches each
 rank ran (count and shapes), and the bytes autograd saved for backward during the
 forward passes of the first step (parameters excluded): what recomputation reduces.
@@ -142,6 +142,7 @@ def run_case(case: dict) -> dict:
     res["shapes"] = [tuple(mb.tokens_B_T.shape) for mb in mbs_list]
     res["rows"] = [list(mb.index_B) for mb in mbs_list]
     chunks, optimizer, scheduler = build(case, model_cfg, parallel)
+    res["params0"] = collect_params(chunks)
     steps = case.get("steps", 1)
     ckpt = None
     for step in range(steps):
