@@ -7,8 +7,9 @@ Each case runs in its own process (so peak RSS is its own): a Qwen3-MoE-like stu
 (fp32, hidden `--hidden`, `--layers` layers, 8 experts top-2, vocabulary 4,096) built on
 CPU, then `--steps` MOPD train steps (after one warm-up) on one sequence of `--tokens`
 tokens. Reported per case: the step's peak RSS above the RSS before the first step (the
-activations, logits and gradients the step adds; `ru_maxrss` minus the resident size after
-the model and optimizer were built), the total peak RSS, seconds per step (best), and both
+activations, logits and gradients the step adds, and Adam's state, allocated by the
+warm-up step, the same in every case; `ru_maxrss` minus the resident size after the model
+and optimizer were built), the total peak RSS, seconds per step (best), and both
 as ratios to no recomputation. Cases: none; full (uniform, 1 layer per unit: every layer's
 input kept, the rest recomputed); full block (half the layers); selective (megatron's
 default `core_attn`); selective with core_attn, layernorm and moe.
