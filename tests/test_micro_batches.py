@@ -17,6 +17,9 @@ count is agreed, rank 0 runs an empty one), EP2 (the all-to-all would deadlock
 otherwise) and PP2 give the single-process step; overlap_grad_reduce + overlap_param_gather
 with small DDP buckets give the parameters of the plain distributed optimizer after 3
 steps; save + resume with a bucket size set (both optimizer formats) continues exactly.
+
+`mopd train` (slow): two steps of the tiny trainer recipe with a token budget, full
+recomputation and overlapped gradient reduction log the losses of the plain run.
 """
 
 from __future__ import annotations
@@ -404,3 +407,62 @@ def test_overlap_and_bucketed_resume_parity(launches):
     # 3 Adam steps moved every parameter (the comparisons above are not vacuous)
     start, end = _unsharded(ranks, "overlap", "params0"), _unsharded(ranks, "overlap", "params")
     assert all((end[n] - start[n]).abs().max() > 1e-4 for n in start)
+
+
+# --------------------------------------------------------------------------------------
+# through `mopd train`
+
+
+@pytest.mark.slow
+def test_mopd_train_with_the_features_on_matches_off(tmp_path, capsys, monkeypatch):
+    """Two steps of the tiny trainer recipe with a token budget (small enough to split
+    the step into several micro-batches), full recomputation and overlapped gradient
+    reduction with small buckets log the loss and grad norm of the plain run."""
+    from trainer_helpers import dataset_lines, make_recipe, metrics, train_in_process, write_recipe
+
+    from megatron_mopd.tiny import make_tiny_hf_model
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
+    tiny = {
+        "student": make_tiny_hf_model("qwen3_moe", str(tmp_path / "student"), seed=0),
+        "t_add": make_tiny_hf_model("qwen3_moe", str(tmp_path / "t_add"), seed=1),
+        "t_rev": make_tiny_hf_model("qwen3", str(tmp_path / "t_rev"), seed=2),
+        "data": str(data),
+    }
+    features = [
+        "train.max_tokens_per_microbatch=24",
+        "model.recompute_granularity=full",
+        "model.recompute_method=uniform",
+        "model.recompute_num_layers=1",
+        "parallel.overlap_grad_reduce=true",
+        "parallel.ddp_bucket_size=2000",
+    ]
+    from megatron_mopd.student import model as model_mod
+
+    plans, recompute = [], []  # spies: the features were used, not just accepted
+    plan, kwargs = mopd_step.plan_token_budget, model_mod.recompute_kwargs
+    monkeypatch.setattr(
+        mopd_step, "plan_token_budget", lambda *a: plans.append(plan(*a)) or plans[-1]
+    )
+    monkeypatch.setattr(
+        model_mod, "recompute_kwargs", lambda *a: recompute.append(kwargs(*a)) or recompute[-1]
+    )
+    rows = {}
+    for name, overrides in (("off", []), ("on", features)):
+        run = tmp_path / name
+        sections = {"train": {"max_steps": 2, "eval_interval": 0}, "checkpoint": {"interval": 0}}
+        recipe = write_recipe(tmp_path / f"{name}.yaml", make_recipe(tiny, run, **sections))
+        code, err = train_in_process(capsys, recipe, *overrides)
+        assert code == 0, err
+        rows[name] = metrics(run)
+    assert len(rows["on"]) == len(rows["off"]) == 2
+    assert len(plans) == 2 and all(len(p) > 1 for p in plans)  # one plan per step, split
+    assert {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    }.items() <= recompute[-1].items()
+    for a, b in zip(rows["off"], rows["on"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
