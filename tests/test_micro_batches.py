@@ -166,6 +166,14 @@ def test_pack_and_unpack_round_trip():
     assert logits.grad[0, :, 0].tolist() == [1] * 7 + [0]  # the padding token gets none
 
 
+def test_packed_schedule_refuses_the_local_spec():
+    from megatron_mopd.student.train_step import run_packed_schedule
+
+    mb = MicroBatch(torch.ones(1, 4, dtype=torch.long), torch.tensor([4]), torch.ones(1, 4))
+    with pytest.raises(ConfigError, match="train.pack_sequences=true needs the Transformer"):
+        run_packed_schedule([torch.nn.Linear(2, 2)], [mb], lambda mb: None)
+
+
 # --------------------------------------------------------------------------------------
 # config
 
