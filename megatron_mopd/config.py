@@ -29,6 +29,9 @@ from megatron_mopd.errors import ConfigError
 # --------------------------------------------------------------------------------------
 # sections
 
+# megatron-core's selective-recompute modules this project's architectures have (no MLA)
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts")
+
 
 @dataclass
 class ModelConfig:
@@ -70,6 +73,13 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     init_method_std: float = 0.02  # random init (no checkpoint): N(0, std) weights
     seed: int = 1234
+    # activation recomputation (megatron-core's names, passed to TransformerConfig):
+    # "full" recomputes whole layers (recompute_method uniform/block + recompute_num_layers),
+    # "selective" the `recompute_modules` of every layer (default ["core_attn"])
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
         """Check the model's own fields."""
@@ -89,6 +99,60 @@ class ModelConfig:
                 raise ConfigError(
                     f"{path}.moe_router_topk={self.moe_router_topk} must be in "
                     f"[1, {path}.num_moe_experts={self.num_moe_experts}]"
+                )
+        self._validate_recompute(path)
+
+    def _validate_recompute(self, path: str) -> None:
+        """megatron-core's rules for the recompute settings, with the key path named."""
+        gran, method, num = (
+            self.recompute_granularity,
+            self.recompute_method,
+            self.recompute_num_layers,
+        )
+        if gran is None:
+            for name in ("recompute_method", "recompute_num_layers", "recompute_modules"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{path}.{name} is set but {path}.recompute_granularity is null: "
+                        "set recompute_granularity to full or selective"
+                    )
+            return
+        if gran == "full":
+            if method is None or num is None:
+                raise ConfigError(
+                    f"{path}.recompute_granularity=full needs {path}.recompute_method "
+                    f"(uniform or block) and {path}.recompute_num_layers (got "
+                    f"recompute_method={method}, recompute_num_layers={num})"
+                )
+            if num < 1:
+                raise ConfigError(f"{path}.recompute_num_layers={num} must be >= 1")
+            if self.recompute_modules is not None:
+                raise ConfigError(
+                    f"{path}.recompute_modules applies to recompute_granularity=selective only"
+                )
+        else:  # selective
+            if num is not None:
+                raise ConfigError(
+                    f"{path}.recompute_num_layers must be null with "
+                    f"{path}.recompute_granularity=selective (every layer recomputes "
+                    f"{path}.recompute_modules)"
+                )
+            if method is not None:
+                raise ConfigError(
+                    f"{path}.recompute_method must be null with "
+                    f"{path}.recompute_granularity=selective"
+                )
+            modules = self.recompute_modules or []
+            bad = sorted(set(modules) - set(RECOMPUTE_MODULES))
+            if bad:
+                raise ConfigError(
+                    f"{path}.recompute_modules: {bad} not supported; choose from "
+                    f"{list(RECOMPUTE_MODULES)}"
+                )
+            if not self.is_moe and {"moe", "moe_act", "shared_experts"} & set(modules):
+                raise ConfigError(
+                    f"{path}.recompute_modules: moe / moe_act / shared_experts need an MoE "
+                    f"model ({path}.num_moe_experts is unset)"
                 )
 
     @property
@@ -111,6 +175,12 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     sequence_parallel: bool | None = None  # None: on when TP > 1 and the model is MoE
     use_distributed_optimizer: bool = False
+    # megatron DDP: overlap the gradient reduction with the backward pass, the parameter
+    # all-gather (distributed optimizer only) with the forward pass; bucket size in
+    # parameters (null: megatron's default, max(4e7, 1e6 * DP))
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_minutes: float = 30.0
 
@@ -147,6 +217,13 @@ class ParallelConfig:
             _positive(self, name, path)
         if self.expert_tensor_parallel_size is not None:
             _positive(self, "expert_tensor_parallel_size", path)
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError(
+                f"{path}.overlap_param_gather=true needs {path}.use_distributed_optimizer=true "
+                "(only the distributed optimizer all-gathers parameters)"
+            )
+        if self.ddp_bucket_size is not None:
+            _positive(self, "ddp_bucket_size", path)
 
 
 @dataclass
@@ -324,6 +401,12 @@ class TrainConfig:
     seed: int = 1234
     prompts_per_step: int = 8
     micro_batch_size: int = 4
+    # > 0: group the step's sequences by length into micro-batches of at most this many
+    # (padded) tokens each, instead of micro_batch_size rows padded to the step's longest
+    max_tokens_per_microbatch: int = 0
+    # Transformer Engine spec only (untested): pack each micro-batch's sequences into one
+    # row (THD layout, PackedSeqParams) instead of padding them
+    pack_sequences: bool = False
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_warmup_steps: int = 10
@@ -342,6 +425,16 @@ class TrainConfig:
     def validate(self, path: str) -> None:
         for name in ("max_steps", "prompts_per_step", "micro_batch_size"):
             _positive(self, name, path)
+        if self.max_tokens_per_microbatch < 0:
+            raise ConfigError(
+                f"{path}.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be "
+                ">= 0 (0 = fixed micro_batch_size)"
+            )
+        if self.pack_sequences and self.max_tokens_per_microbatch == 0:
+            raise ConfigError(
+                f"{path}.pack_sequences=true needs {path}.max_tokens_per_microbatch > 0 "
+                "(the packed row's token budget)"
+            )
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr={self.lr} must be > 0")
 
@@ -439,6 +532,11 @@ class Config:
                         f"teachers.{name}.top_k (e.g. 8) for domain {d!r}"
                     )
         self._check_truncated_sampling()
+        if self.train.pack_sequences and self.model.transformer_impl == "local":
+            raise ConfigError(
+                "train.pack_sequences=true needs the Transformer Engine layer spec (THD "
+                "attention), but model.transformer_impl=local; set pack_sequences=false"
+            )
         if not (self.model.hf_path or self.model.mcore_path):
             # with a checkpoint, the architecture is read from it and checked then
             # (student.load.resolve_model_config); the fields here are placeholders
@@ -509,6 +607,13 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
         raise ConfigError(
             f"parallel.pipeline_model_parallel_size={pp} does not divide "
             f"model.num_layers={model.num_layers}"
+        )
+    per_stage = model.num_layers // pp
+    if model.recompute_num_layers is not None and model.recompute_num_layers > per_stage:
+        raise ConfigError(
+            f"model.recompute_num_layers={model.recompute_num_layers} must be at most the "
+            f"layers of one pipeline stage: model.num_layers / "
+            f"parallel.pipeline_model_parallel_size = {per_stage}"
         )
     if model.is_moe:
         if model.num_moe_experts % ep:

@@ -279,6 +279,15 @@ PATCHES: tuple[Patch, ...] = (
         install="_install_te_general_gemm",
     ),
     Patch(
+        name="checkpoint_without_output_fp8",
+        targets=(f"{_MC}.tensor_parallel.random:CheckpointWithoutOutput.__init__",),
+        why="0.16.1: `CheckpointWithoutOutput(fp8=False)` sets `self.fp8 = fp8 is not None`, "
+        "i.e. True, so selective recompute of layernorm / mlp / moe (model.recompute_modules) "
+        "calls Transformer Engine's FP8GlobalStateManager: a NameError without TE. The "
+        "patched __init__ treats fp8=False as no FP8 (None)",
+        install="_install_checkpoint_without_output_fp8",
+    ),
+    Patch(
         name="cuda_tensor_names",
         targets=(
             f"{_MC}.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
@@ -304,6 +313,7 @@ _RECORDED_SIGNATURES: dict[str, str] = {
     "megatron.core.tensor_parallel.random:_set_cuda_rng_state": "(new_state, device=-1, graph_safe=False)",
     "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add": "(self, name, seed)",
     "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.fork": "(self, name='model-parallel-rng')",
+    "megatron.core.tensor_parallel.random:CheckpointWithoutOutput.__init__": "(self, fp8=False)",
     "megatron.core.parallel_state:initialize_model_parallel": "(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_comm_backend=None, use_sharp=False, context_parallel_size=1, hierarchical_context_parallel_sizes=None, hybrid_context_parallel=False, expert_model_parallel_size=1, num_distributed_optimizer_instances=1, expert_tensor_parallel_size=None, nccl_communicator_config_path=None, distributed_timeout_minutes=30, order='tp-cp-ep-dp-pp', get_embedding_ranks=None, get_position_embedding_ranks=None, create_gloo_process_groups=True, high_priority_stream_groups=None, sharp_enabled_group=None, create_all_gather_group=False)",
     "megatron.core.parallel_state:update_pg_timeout": "(timeout, pg=None)",
     "megatron.core.utils:GlobalMemoryBuffer.get_tensor": "(self, tensor_shape, dtype, name, mem_alloc_context=None)",

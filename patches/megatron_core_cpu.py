@@ -368,6 +368,21 @@ class _ConfigWithoutSP:
 
 
 # --------------------------------------------------------------------------------------
+# checkpoint_without_output_fp8
+
+
+def _install_checkpoint_without_output_fp8() -> None:
+    def wrap(orig: Callable) -> Callable:
+        def __init__(self: Any, fp8: Any = False) -> None:
+            # upstream: `self.fp8 = fp8 is not None`, True for the default False
+            orig(self, fp8=None if fp8 is False else fp8)
+
+        return __init__
+
+    _replace_method(f"{_MC}.tensor_parallel.random:CheckpointWithoutOutput.__init__", wrap)
+
+
+# --------------------------------------------------------------------------------------
 # te_general_gemm
 
 

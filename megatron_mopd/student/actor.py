@@ -62,6 +62,8 @@ class Student:
             loss_cfg,
             self.cfg.train.micro_batch_size,
             scheduler=self.scheduler,
+            max_tokens_per_microbatch=self.cfg.train.max_tokens_per_microbatch,
+            pack_sequences=self.cfg.train.pack_sequences,
             pad_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0,
         )
         self.step += 1

@@ -141,6 +141,7 @@ def to_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) 
         variable_seq_lengths=not uses_allgather_dispatcher(model_cfg),
         moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
     )
+    kw.update(recompute_kwargs(model_cfg, te))
     if model_cfg.is_moe:
         kw.update(
             num_moe_experts=model_cfg.num_moe_experts,
@@ -158,6 +159,28 @@ def to_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) 
             moe_permute_fusion=False,
         )
     return TransformerConfig(**kw)
+
+
+def recompute_kwargs(model_cfg: ModelConfig, transformer_engine: bool) -> dict[str, Any]:
+    """The `TransformerConfig` activation-recomputation fields from `model.recompute_*`
+    (empty when `model.recompute_granularity` is null: nothing recomputed)."""
+    if model_cfg.recompute_granularity is None:
+        return {}
+    kw: dict[str, Any] = dict(
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
+    )
+    if model_cfg.recompute_granularity == "selective":
+        modules = list(model_cfg.recompute_modules or ["core_attn"])
+        if "moe_act" in modules and not transformer_engine:
+            raise ConfigError(
+                "model.recompute_modules: moe_act needs grouped-GEMM experts, which only the "
+                "Transformer Engine spec uses here (model.transformer_impl); on the local spec "
+                "use moe or mlp"
+            )
+        kw["recompute_modules"] = modules
+    return kw
 
 
 def uses_allgather_dispatcher(model_cfg: ModelConfig) -> bool:

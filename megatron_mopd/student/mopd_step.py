@@ -8,9 +8,12 @@ How the global batch becomes the single-process gradient, whatever the layout:
 
 - `batch` is the global `TrainBatch`, identical on every rank. Each data-parallel rank
   takes a contiguous, balanced share of its sequences (`dp_share`), cut into the same
-  number of micro-batches on every rank, all of one shape `[R, T]` (the pipeline's
-  point-to-point buffers need one shape). Padding rows have an all-zero mask: they add
-  nothing to the loss, the gradient or the statistics.
+  number of micro-batches on every rank: by default `micro_batch_size` rows each, all of
+  one shape `[R, T]`; with `train.max_tokens_per_microbatch > 0`, grouped by length under
+  that token budget, each padded to its own longest row (`student.micro_batches`; the
+  schedule runs with `variable_seq_lengths`, so pipeline stages exchange each shape), the
+  count agreed over DP with empty micro-batches. Padding rows have an all-zero mask: they
+  add nothing to the loss, the gradient or the statistics.
 - Every sequence's term is divided by the *global* number of sequences (`batch.size`),
   and `train_step` sums (never averages) over micro-batches and DP ranks, so the step
   applies the gradient of `loss.mopd_loss` over the whole batch (per-sequence `1/|y|`
@@ -48,6 +51,11 @@ from megatron_mopd.loss import (
     vocab_parallel_gather_logprobs,
 )
 from megatron_mopd.student.logprobs import MicroBatch, unwrap_model
+from megatron_mopd.student.micro_batches import (
+    agree_num_micro_batches,
+    plan_token_budget,
+    round_up,
+)
 from megatron_mopd.student.train_step import train_step
 
 PREFIX = "mopd"
@@ -69,13 +77,28 @@ def micro_batches_for_rank(
     micro_batch_size: int,
     pad_to_multiple_of: int = 1,
     pad_id: int = 0,
+    *,
+    max_tokens_per_microbatch: int = 0,
+    dp_group: Any = None,
 ) -> list[MicroBatch]:
-    """This DP rank's micro-batches of `batch`: the same count and shape on every rank.
+    """This DP rank's micro-batches of `batch`, the same number on every rank.
 
     Each holds `tokens_B_T`, `loss_mask_B_T` (the response mask) and in `data` the rollout
     and teacher log-probs, ORM advantages, domain ids, `valid_B` (0 on padding rows) and,
     when present, the teacher's top-k ids and log-probs (`[R, T, K]`).
+
+    With `max_tokens_per_microbatch == 0`: `micro_batch_size` rows each, all of one shape,
+    padded to the step's longest sequence. With a budget > 0: this rank's sequences grouped
+    by length under that many padded tokens per micro-batch, each padded to its own longest
+    row (`student.micro_batches`); the count is agreed over `dp_group` (all-reduce max,
+    the ranks with fewer append empty micro-batches), so pass the DP group whenever the
+    DP size is > 1.
     """
+    if max_tokens_per_microbatch > 0:
+        return _token_budget_micro_batches(
+            batch, dp_rank, dp_size, max_tokens_per_microbatch, pad_to_multiple_of, pad_id,
+            dp_group,
+        )  # fmt: skip
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
     per_rank = math.ceil(batch.size / dp_size)
@@ -89,6 +112,28 @@ def micro_batches_for_rank(
     ]
 
 
+def _token_budget_micro_batches(
+    batch: TrainBatch,
+    dp_rank: int,
+    dp_size: int,
+    max_tokens: int,
+    multiple: int,
+    pad_id: int,
+    dp_group: Any,
+) -> list[MicroBatch]:
+    mine = dp_share(batch.size, dp_rank, dp_size)
+    lengths = [int(batch.lengths_B[i]) for i in mine]
+    groups = plan_token_budget(lengths, max_tokens, multiple)
+    count = agree_num_micro_batches(len(groups), dp_group)
+    out = []
+    for g in groups:
+        length = round_up(max(max(lengths[j] for j in g), 1), multiple)
+        out.append(_micro_batch(batch, [mine[j] for j in g], len(g), length, pad_id))
+    # empty micro-batches (one all-padding row, zero weight) up to the agreed count
+    out += [_micro_batch(batch, [], 1, multiple, pad_id) for _ in range(count - len(groups))]
+    return out
+
+
 def _micro_batch(
     batch: TrainBatch, index: list[int], rows: int, length: int, pad_id: int
 ) -> MicroBatch:
@@ -98,6 +143,8 @@ def _micro_batch(
         if t is None:
             return None
         x = t[idx]
+        if x.dim() >= 2:
+            x = x[:, :length]  # a token-budget micro-batch: its own longest row only
         if x.dim() >= 2 and x.shape[1] < length:
             pad = x.new_full((x.shape[0], length - x.shape[1], *x.shape[2:]), fill)
             x = torch.cat([x, pad], dim=1)
@@ -229,11 +276,17 @@ def mopd_train_step(
     *,
     scheduler: Any = None,
     pad_id: int = 0,
+    max_tokens_per_microbatch: int = 0,
+    pack_sequences: bool = False,
 ) -> dict[str, Any]:
     """One MOPD optimizer step over the global `batch` (the same on every rank).
 
-    Returns `train_step`'s output (`loss`, `grad_norm`, `skipped`, `lr`) with the MOPD
-    statistics as means over all domains and per domain (see `summarize`).
+    `max_tokens_per_microbatch > 0` (`train.max_tokens_per_microbatch`) replaces the fixed
+    `micro_batch_size` by token-budget micro-batches (`micro_batches_for_rank`);
+    `pack_sequences` (`train.pack_sequences`, Transformer Engine only, untested) runs each
+    of them packed in one THD row. Returns `train_step`'s output (`loss`, `grad_norm`,
+    `skipped`, `lr`) with the MOPD statistics as means over all domains and per domain
+    (see `summarize`).
     """
     pgs = unwrap_model(model_chunks[0]).pg_collection
     micro_batches = micro_batches_for_rank(
@@ -243,6 +296,8 @@ def mopd_train_step(
         micro_batch_size,
         pad_to_multiple_of=dist.get_world_size(pgs.tp),
         pad_id=pad_id,
+        max_tokens_per_microbatch=max_tokens_per_microbatch,
+        dp_group=pgs.dp,
     )
     loss_fn = MopdLoss(cfg, batch.domains, batch.size)
     if needs_topk(cfg, batch):
@@ -258,7 +313,15 @@ def mopd_train_step(
             loss_fn,
             scheduler=scheduler,
             logprobs_fn=topk_logprobs,
+            pack_sequences=pack_sequences,
         )
     else:
-        out = train_step(model_chunks, optimizer, micro_batches, loss_fn, scheduler=scheduler)
+        out = train_step(
+            model_chunks,
+            optimizer,
+            micro_batches,
+            loss_fn,
+            scheduler=scheduler,
+            pack_sequences=pack_sequences,
+        )
     return summarize(out, batch.domains)

@@ -27,9 +27,17 @@ DP, broadcast over PP). `grad_norm` is the global norm before clipping. A step w
 gradients contain inf/NaN on any rank is skipped on every rank (no update, the LR
 schedule does not advance) and reported with `skipped=True`.
 
-Left out: overlapping gradient reduction / parameter gathering with compute (no gain on
-CPU, and the tests would not see it), virtual pipeline stages, MoE auxiliary-loss scaling
-by the global batch (the aux loss, if enabled, is summed like the main loss).
+Communication overlap (`parallel.overlap_grad_reduce`, `parallel.overlap_param_gather`,
+`parallel.ddp_bucket_size`) goes into megatron's `DistributedDataParallelConfig` as is:
+gradients are reduced bucket by bucket while the backward pass runs, and, with the
+distributed optimizer, parameters are all-gathered bucket by bucket. MOPD reads the
+weights right after every step (weight sync to the rollout engine, checkpoints), so the
+parameter all-gather is completed at the end of `train_step` instead of overlapping the
+next forward: `overlap_param_gather` changes where it waits, not the values (parity
+tested on gloo, tests/test_micro_batches.py).
+
+Left out: virtual pipeline stages, MoE auxiliary-loss scaling by the global batch (the aux
+loss, if enabled, is summed like the main loss).
 """
 
 from __future__ import annotations
@@ -61,14 +69,7 @@ def wrap_ddp(model_chunks: list[Any], parallel_cfg: ParallelConfig) -> list[Any]
     from megatron.core.transformer.module import Float16Module
 
     config = unwrap_model(model_chunks[0]).config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-        average_in_collective=False,
-    )
+    ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(parallel_cfg))
     wrapped = []
     for i, chunk in enumerate(model_chunks):
         if config.bf16 or config.fp16:
@@ -79,6 +80,36 @@ def wrap_ddp(model_chunks: list[Any], parallel_cfg: ParallelConfig) -> list[Any]
             )
         )
     return wrapped
+
+
+def ddp_config_kwargs(parallel_cfg: ParallelConfig) -> dict[str, Any]:
+    """megatron's `DistributedDataParallelConfig` fields for `parallel_cfg`: fp32 gradient
+    reduction, summed over DP (the gradient contract), and the overlap / bucket settings."""
+    from megatron_mopd.errors import ConfigError
+
+    if parallel_cfg.overlap_param_gather and not parallel_cfg.use_distributed_optimizer:
+        raise ConfigError(
+            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"
+        )
+    return dict(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+        overlap_param_gather=parallel_cfg.overlap_param_gather,
+        bucket_size=parallel_cfg.ddp_bucket_size,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        average_in_collective=False,
+    )
+
+
+def finish_param_sync(model_chunks: list[Any]) -> None:
+    """Complete the distributed optimizer's parameter all-gather now (a no-op unless
+    `parallel.overlap_param_gather`, where megatron would finish it in the next forward):
+    afterwards every rank's parameters hold the updated values."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(
@@ -105,6 +136,7 @@ def build_optimizer(
         adam_beta2=train_cfg.adam_beta2,
         adam_eps=train_cfg.adam_eps,
         clip_grad=train_cfg.clip_grad,
+        overlap_param_gather=parallel_cfg.overlap_param_gather,
         bf16=config.bf16,
         fp16=config.fp16,
         params_dtype=config.params_dtype,
@@ -164,8 +196,12 @@ def train_step(
     *,
     scheduler: Any = None,
     logprobs_fn: LogprobsFn | None = None,
+    pack_sequences: bool = False,
 ) -> dict[str, Any]:
     """Forward and backward over `micro_batches`, then one optimizer step.
+
+    `pack_sequences` runs each micro-batch as one packed THD row (`train.pack_sequences`:
+    Transformer Engine spec only, refused on the local spec; untested here).
 
     See the module docstring for the gradient contract of `loss_fn` and what is returned.
     Every rank of the layout calls this with its own DP share of the micro-batches (the
@@ -196,7 +232,10 @@ def train_step(
 
         return loss_func
 
-    stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
+    if pack_sequences:
+        stored = run_packed_schedule(model_chunks, micro_batches, loss_func_for)
+    else:
+        stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
 
     if _grads_nonfinite(model_chunks):
         optimizer.zero_grad()
@@ -208,11 +247,64 @@ def train_step(
             grad_norm = optimizer.get_grad_norm()
         if not skipped and scheduler is not None:
             scheduler.step(increment=1)
+    finish_param_sync(model_chunks)
     out = _reduce_stored(stored, pgs)
     out["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     out["skipped"] = skipped
     out["lr"] = float(optimizer.param_groups[0]["lr"])
     return out
+
+
+def uses_transformer_engine_spec(model: Any) -> bool:
+    """Whether the model's layers are Transformer Engine modules."""
+    return any("transformer_engine" in type(m).__module__ for m in unwrap_model(model).modules())
+
+
+def run_packed_schedule(
+    model_chunks: list[Any],
+    micro_batches: list[MicroBatch],
+    loss_func_for: Callable[[MicroBatch], Callable[[torch.Tensor], tuple]],
+) -> list[dict[str, Any]]:
+    """`run_schedule` (training) with every micro-batch packed into one THD row
+    (`micro_batches.pack_micro_batch`, `PackedSeqParams`); the loss functions get the
+    logits back in the padded `[B, T, V / tp]` layout. Needs the Transformer Engine spec
+    (THD attention is a TE kernel): refused on the local spec. *Untested here* (no CUDA).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mopd.errors import ConfigError
+    from megatron_mopd.student.micro_batches import pack_micro_batch, unpack_logits
+
+    if not uses_transformer_engine_spec(model_chunks[0]):
+        raise ConfigError(
+            "train.pack_sequences=true needs the Transformer Engine layer spec (THD attention); "
+            "this model uses the local spec (model.transformer_impl): set pack_sequences=false"
+        )
+    if not micro_batches:
+        return []
+    inner = unwrap_model(model_chunks[0])
+    tp = inner.config.tensor_model_parallel_size
+    device = next(inner.parameters()).device
+    packed = [(mb, *pack_micro_batch(mb, tp)) for mb in micro_batches]
+    batches = iter(packed)
+
+    def forward_step(data_iterator: Any, model: Any):
+        mb, tokens, positions, params = next(data_iterator)
+        for name in ("cu_seqlens_q", "cu_seqlens_kv"):
+            setattr(params, name, getattr(params, name).to(device))
+        output = model(tokens.to(device), positions.to(device), None, packed_seq_params=params)
+        inner_loss = loss_func_for(mb)
+        return output, lambda logits: inner_loss(unpack_logits(logits, mb))
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=model_chunks,
+        num_microbatches=len(packed),
+        seq_length=max(p[1].shape[1] for p in packed),
+        micro_batch_size=1,
+        forward_only=False,
+    )
 
 
 def _grads_nonfinite(model_chunks: list[Any]) -> bool:
