@@ -397,12 +397,7 @@ def _check_layout_for(model_cfg: ModelConfig, parallel: ParallelConfig, where: s
 
     parallel.validate("parallel")
     try:
-        check_layout(model_cfg, parallel)
-        if model_cfg.vocab_size % parallel.tp:
-            raise ConfigError(
-                f"parallel.tensor_model_parallel_size={parallel.tp} does not divide "
-                f"model.vocab_size={model_cfg.vocab_size}"
-            )
+        check_layout(model_cfg, parallel)  # any vocabulary: build_model pads it
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
     _, world_size, _ = torchrun_env()

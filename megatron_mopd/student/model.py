@@ -160,6 +160,15 @@ def to_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) 
     return TransformerConfig(**kw)
 
 
+def padded_vocab_size(model_cfg: ModelConfig, tp: int) -> int:
+    """The vocabulary the embedding and output layer hold: `model.vocab_size` rounded up to
+    a multiple of `model.make_vocab_size_divisible_by * tp` (Megatron's rule), so any
+    vocabulary splits over any TP. The padded rows are zero on load and random init, dropped
+    on export, and their logits are masked out of every log-softmax."""
+    multiple = model_cfg.make_vocab_size_divisible_by * tp
+    return -(-model_cfg.vocab_size // multiple) * multiple
+
+
 def uses_allgather_dispatcher(model_cfg: ModelConfig) -> bool:
     """True for MoE models with the allgather token dispatcher."""
     return model_cfg.is_moe and model_cfg.moe_token_dispatcher_type == "allgather"
@@ -203,11 +212,6 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    if model_cfg.vocab_size % parallel_cfg.tp:
-        raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} must be divisible by "
-            f"parallel.tensor_model_parallel_size={parallel_cfg.tp} (pad the vocabulary)"
-        )
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("call megatron_mopd.distributed.init_distributed() before build_model()")
     if ps.get_tensor_model_parallel_world_size() != parallel_cfg.tp or (
@@ -222,7 +226,7 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model_cfg),
-        vocab_size=model_cfg.vocab_size,
+        vocab_size=padded_vocab_size(model_cfg, parallel_cfg.tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
@@ -232,6 +236,14 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=model_cfg.rotary_base,
     )
+    # the real vocabulary (exports drop the padded rows, log-probs mask them) and how the
+    # output layer runs: see student.logprobs.OutputHead
+    model.mopd_vocab_size = model_cfg.vocab_size
+    model.mopd_logits_chunk_tokens = model_cfg.logits_chunk_tokens
+    if model.post_process and model_cfg.logits_chunk_tokens > 0:
+        from megatron_mopd.student.logprobs import return_hidden_states
+
+        return_hidden_states(model.output_layer)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     chunks = [model]
@@ -326,8 +338,17 @@ def init_parameters(model_chunks: list[Any], model_cfg: ModelConfig, seed: int) 
                     shape[dim] *= world
                 gen = torch.Generator().manual_seed(_name_seed(seed, gname))
                 scale = out_std if (".linear_proj." in gname or ".linear_fc2." in gname) else std
+                vocab = gname in _VOCAB_PARAMS
+                padded = shape[0] if vocab else 0
+                if vocab:  # drawn at the real vocabulary (the same at every padding), then padded
+                    shape[0] = model_cfg.vocab_size
                 full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+                if vocab:
+                    full = F.pad(full, (0, 0, 0, padded - shape[0]))
                 param.copy_(shard_full_tensor(full, dim, stride, world, rank).to(param.dtype))
+
+
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def is_expert_param(name: str) -> bool:
