@@ -160,6 +160,14 @@ def _tp2_worker(rank: int, world: int, port: int) -> None:
                 dist.all_reduce(gh, group=group)  # the output layer's copy-to-TP backward
                 torch.testing.assert_close(gh, ref_h, rtol=0, atol=1e-12)
                 torch.testing.assert_close(gw, ref_w[rows], rtol=0, atol=1e-12)
+            # the sampled-token path of whole logits (fp32 result)
+            x = (hidden @ weight[rows].t()).requires_grad_(True)
+            tok = vocab_parallel_token_logprobs(x, ids[:, 0], group, V)
+            torch.testing.assert_close(tok.double(), ref[:, 0].detach(), rtol=0, atol=1e-6)
+            (gx,) = torch.autograd.grad(tok, x, grad_out[:, 0].float())
+            assert torch.all(torch.isfinite(gx)) and torch.all(
+                gx[:, max(0, V - rank * part) :] == 0
+            )
     finally:
         dist.destroy_process_group()
 

@@ -29,6 +29,13 @@ once plus, while `convert.hf` reads the safetensors through mmap, the pages it t
 (`convert.hf.SafetensorsStreamWriter`); the experts' fused `linear_fc1` halves load in place
 (`dist_ckpt.merge_in_place`). Under torchrun each rank holds its shards.
 
+Vocabulary padding: the embedding and output layer are stored with the rows the model had
+at save time (`model.vocab_size` rounded up to `make_vocab_size_divisible_by * TP`, recorded
+as `saved_layout.padded_vocab_size`); `mopd_model.json` records the real vocabulary. A load
+at another padding (another TP) reads the rows it needs: megatron-core marks those two
+tensors `allow_shape_mismatch`, so rows beyond the stored ones start at zero and stored rows
+beyond the model's are not read. Only padding rows differ, so nothing real is lost.
+
 Left out: checkpoints written with the Transformer Engine layer spec (GPU) are not tested on
 these machines. megatron-core keys the local spec's tensors by the TE names
 (`linear_qkv.layer_norm_weight`, `experts.experts.linear_fc1.weight`), so the two are meant to
@@ -263,6 +270,8 @@ def _model_meta(model_cfg: ModelConfig, files: dict[str, int], source: str | Non
     import megatron.core
     from megatron.core import parallel_state as ps
 
+    from megatron_mopd.student.model import padded_vocab_size
+
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -274,6 +283,11 @@ def _model_meta(model_cfg: ModelConfig, files: dict[str, int], source: str | Non
             "ep": ps.get_expert_model_parallel_world_size(),
             "etp": ps.get_expert_tensor_parallel_world_size(),
             "world_size": _rank_world()[1],
+            # the embedding / output rows stored (Megatron's padding at the save layout;
+            # a load at another padding reads the real rows, see module docstring)
+            "padded_vocab_size": padded_vocab_size(
+                model_cfg, ps.get_tensor_model_parallel_world_size()
+            ),
         },
         "source": source,
         "megatron_core": getattr(megatron.core, "__version__", None),

@@ -55,7 +55,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         local = target - start
         in_shard = (local >= 0) & (local < vocab_local)
         index = local.clamp(0, vocab_local - 1).unsqueeze(-1)
-        picked = shifted.gather(-1, index).squeeze(-1) * in_shard
+        picked = torch.where(in_shard, shifted.gather(-1, index).squeeze(-1), 0.0)
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if world > 1:
