@@ -187,13 +187,15 @@ def run_case(case: dict) -> dict:
         cfg = loss_config(estimator)
         chunks = wrap_ddp(build_model(model, parallel), parallel)
         optimizer, _ = build_optimizer(
-            chunks, TrainConfig(lr=1e-3, lr_warmup_steps=0, clip_grad=0.0), parallel
+            chunks, TrainConfig(lr=1.0, adam_eps=1.0, lr_warmup_steps=0, clip_grad=0.0), parallel
         )
         res: dict = {}
         if case.get("dense"):
             res["dense_loss"], res["dense_grads"] = dense_reference(chunks, batch, cfg)
         res["out"] = mopd_train_step(chunks, optimizer, batch, cfg, case["mbs"])
         res["grads"] = collect_grads(chunks)
+        # Adam with eps = 1 (and lr = 1): the first update is about the gradient itself,
+        # so parameters compare like gradients (eps ~ 0 would amplify rounding in tiny ones)
         res["params"] = {
             n: p.detach().clone() for c in chunks for n, p in unwrap_model(c).named_parameters()
         }
