@@ -88,7 +88,6 @@ def _worst(a: list, b: list) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b) if x.numel())
 
 
-@pytest.mark.slow
 @pytest.mark.multirank
 def test_vocab_211_at_tp2(runs: str):
     ref = {

@@ -192,7 +192,7 @@ class OutputHead:
         out = _ChunkedOutputLogprobs.apply(
             flat,
             self.weight,
-            ids.reshape(flat.shape[0], -1),
+            ids.reshape(flat.shape[0], ids.shape[-1]),
             self.tp_group,
             self.vocab_size,
             self.chunk_tokens,
