@@ -13,6 +13,13 @@ TP group (`[B, T, V / tp]`), and `vocab_parallel_token_logprobs` computes
 `logit[target] - logsumexp(logits)` with two all-reduces (max, sum of exps) and a third
 for the target's logit, with its own backward (softmax minus one-hot, per shard).
 
+The vocabulary may carry Megatron's padding (`model.make_vocab_size_divisible_by`): ids
+from `vocab_size` on are masked to -inf in every log-softmax (`real_columns`), so they get
+no probability and no gradient. With `model.logits_chunk_tokens > 0` the output layer
+returns the hidden states (`return_hidden_states`) and `OutputHead` computes the log-probs
+over chunks of tokens, recomputing each chunk's logits in backward: the `[T, V]` logits
+never exist whole. The loss functions of the schedule go through `output_head(chunks)`.
+
 `MicroBatch` and `make_micro_batches` are the padded batches that `forward_logprobs` and
 `student.train_step.train_step` both run through megatron's schedule.
 

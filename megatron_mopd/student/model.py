@@ -25,6 +25,12 @@ present) the TE spec is used, with grouped-GEMM experts. Parameter names differ 
 the two (TE fuses the input norm into `linear_qkv`/`linear_fc1`); the TE path is not
 tested on these CPU machines.
 
+The vocabulary is padded as Megatron does (`padded_vocab_size`: a multiple of
+`model.make_vocab_size_divisible_by * TP`), so any vocabulary runs at any TP; the model
+records the real size (`mopd_vocab_size`) for the log-probs (which mask the padding) and
+the exports (which drop it). With `model.logits_chunk_tokens > 0` the output layer returns
+the hidden states and the log-probs are computed chunk by chunk (`student.logprobs`).
+
 Random initialisation (when no checkpoint is loaded) is *layout independent*: every
 parameter is drawn as the full, unsharded tensor from a generator seeded by
 `model.seed` and the parameter's global name, then sliced to this rank's shard. So the
