@@ -149,10 +149,7 @@ def return_hidden_states(output_layer: Any) -> None:
     through autograd as before. Parameter names and checkpoints are unchanged."""
     import types
 
-    from megatron.core.tensor_parallel.mappings import (
-        copy_to_tensor_model_parallel_region,
-        gather_from_sequence_parallel_region,
-    )
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         group = self.tp_group
@@ -161,11 +158,29 @@ def return_hidden_states(output_layer: Any) -> None:
                 input_, tensor_parallel_output_grad=True, group=group
             )
         elif group is not None and dist.get_world_size(group) > 1:
-            input_ = copy_to_tensor_model_parallel_region(input_, group=group)
+            # megatron-core's copy_to_tensor_model_parallel_region, called here, left the
+            # gradient un-reduced at TP2 without sequence parallelism (a lower grad norm
+            # than TP1, tests/test_train_parity.py): our own copy, reduced in backward
+            input_ = _CopyToTensorParallel.apply(input_, group)
         return input_, None
 
     output_layer.forward = types.MethodType(forward, output_layer)
     output_layer.mopd_returns_hidden = True
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward (a copy), all-reduce of the gradient over `group` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 @dataclass
