@@ -51,7 +51,12 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = 2
     kv_channels: int | None = None
-    vocab_size: int = 128
+    vocab_size: int = 128  # the real vocabulary (the tokenizer's; what HF and SGLang see)
+    # Megatron's padding: the embedding and output layer hold vocab_size rounded up to a
+    # multiple of make_vocab_size_divisible_by * TP; padded logits get no probability
+    make_vocab_size_divisible_by: int = 128
+    # the output layer and log-probs over chunks of this many tokens (0: whole logits)
+    logits_chunk_tokens: int = 512
     max_position_embeddings: int = 4096
     rotary_base: float = 1_000_000.0
     layernorm_epsilon: float = 1e-6
@@ -88,6 +93,12 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
             _positive(self, name, path)
         _positive(self, "vocab_size", path)
+        _positive(self, "make_vocab_size_divisible_by", path)
+        if self.logits_chunk_tokens < 0:
+            raise ConfigError(
+                f"{path}.logits_chunk_tokens={self.logits_chunk_tokens} must be >= 0 "
+                "(0: the whole logits at once)"
+            )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
             raise ConfigError(

@@ -490,6 +490,7 @@ def vocab_parallel_gather_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     inplace: bool = False,
     chunk_elements: int = 1 << 22,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Log-softmax of vocabulary-sharded logits at chosen token ids, never gathering `V`.
 
@@ -506,6 +507,8 @@ def vocab_parallel_gather_logprobs(
             otherwise one float32 buffer is used.
         chunk_elements: rows are processed in chunks of about this many elements, so the
             subtract / exp / sum passes stay in cache.
+        vocab_size: the real vocabulary when the logits carry Megatron's vocabulary padding
+            (ids from `vocab_size` on): those columns get no probability. None: no padding.
 
     Returns `[..., K]` float32 log-probs (float64 for float64 logits), identical on every
     rank of the group. The normaliser uses an all-reduce of the max and of the sum of
@@ -513,20 +516,27 @@ def vocab_parallel_gather_logprobs(
     Backward gives each rank the gradient of its own shard (the loss is computed
     identically on all ranks, as in Megatron), so the all-reduces pass gradients through.
     """
-    return _VocabParallelGather.apply(logits_shard, token_ids, tp_group, inplace, chunk_elements)
+    return _VocabParallelGather.apply(
+        logits_shard, token_ids, tp_group, inplace, chunk_elements, vocab_size
+    )
 
 
 class _VocabParallelGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, group, inplace, chunk_elements):  # type: ignore[override]
+    def forward(ctx, logits, ids, group, inplace, chunk_elements, vocab_size):  # type: ignore[override]
         part = logits.shape[-1]
         rank = dist.get_rank(group) if group is not None else 0
+        # columns from `real` on are vocabulary padding
+        real = part if vocab_size is None else max(0, min(part, vocab_size - rank * part))
         dtype = _float_dtype(logits)
         flat = logits.reshape(-1, part)
         flat_ids = ids.reshape(flat.shape[0], -1).to(flat.device)
         own = inplace and logits.dtype == dtype and flat.data_ptr() == logits.data_ptr()
         with torch.no_grad():
-            top = flat.max(dim=-1).values.to(dtype)
+            if real:
+                top = flat[:, :real].max(dim=-1).values.to(dtype)
+            else:
+                top = torch.full((flat.shape[0],), -math.inf, dtype=dtype, device=flat.device)
             if group is not None:
                 dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             local = flat_ids - rank * part
@@ -540,6 +550,8 @@ class _VocabParallelGather(torch.autograd.Function):
             for i in range(0, flat.shape[0], rows):
                 sl = slice(i, i + rows)
                 chunk = torch.sub(flat[sl], top[sl, None], out=exps[sl])
+                if real < part:
+                    chunk[:, real:] = -math.inf
                 both[sl, :-1] = torch.where(inside[sl], chunk.gather(-1, local[sl]), 0.0)
                 both[sl, -1] = chunk.exp_().sum(dim=-1)
             if group is not None:
@@ -562,6 +574,7 @@ class _VocabParallelGather(torch.autograd.Function):
         grad.scatter_add_(-1, local, torch.where(inside, g, 0.0))
         return (
             grad.to(ctx.logits_dtype).reshape(grad_out.shape[:-1] + (-1,)),
+            None,
             None,
             None,
             None,

@@ -193,13 +193,12 @@ def test_scores_without_torchrun(tmp_path, models):
         assert (ours - ref).abs().max().item() < 1e-5 if ref.numel() else ours.numel() == 0
 
 
-def test_vocabulary_not_divisible_by_tp(tmp_path, run_here):
-    """The student does not pad its vocabulary, so TP must divide it (said before any
-    process group exists, not by build_model on every rank)."""
-    from megatron_mopd.tiny import make_tiny_hf_model
-
-    folder = make_tiny_hf_model("qwen2", str(tmp_path / "m"), vocab_size=129)
+def test_vocabulary_padding_flag_is_checked(tmp_path, models, run_here):
+    """Any vocabulary runs at any TP (padded, see tests/test_vocab_padding_cli.py); the
+    padding multiple itself must be positive (said before any process group exists)."""
     path = write_lines(tmp_path / "in.jsonl", [GOOD])
-    env = {"WORLD_SIZE": "2", "RANK": "0"}
-    proc = run_here(["--hf", folder, "--input", path, "--output", "o", "--tp", "2"], env)
-    assert_one_line_error(proc, "tensor_model_parallel_size=2", "vocab_size=129")
+    args = ["--hf", models["qwen2"], "--input", path, "--output", "o"]
+    proc = run_here(args + ["--make-vocab-size-divisible-by", "0"])
+    assert_one_line_error(proc, "--make-vocab-size-divisible-by", "positive")
+    proc = run_here(args + ["--logits-chunk-tokens", "-1"])
+    assert_one_line_error(proc, "--logits-chunk-tokens", ">= 0")

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_mopd.batch import TrainBatch  # noqa: E402
 from megatron_mopd.config import LossConfig, LossOverride  # noqa: E402
 from megatron_mopd.loss import mopd_loss, sequence_settings, stats_to_means  # noqa: E402
-from megatron_mopd.student.logprobs import MicroBatch  # noqa: E402
+from megatron_mopd.student.logprobs import MicroBatch, OutputHead  # noqa: E402
 from megatron_mopd.student.mopd_step import (  # noqa: E402
     MopdLoss,
     dp_share,
@@ -157,7 +157,7 @@ def test_topk_logprobs_positions():
     top = torch.randint(0, V, (R, T, K), generator=g)
     mb = MicroBatch(tokens, torch.full((R,), T), torch.ones(R, T), {"teacher_topk_ids_B_T_K": top})
     x = logits.clone().requires_grad_(True)
-    out = topk_logprobs(x * 1, mb, None)
+    out = topk_logprobs(x * 1, mb, OutputHead(tp_group=None))
     ref = torch.zeros(R, T, 1 + K, dtype=torch.float64)
     for r in range(R):
         for t in range(1, T):
@@ -205,6 +205,11 @@ def _assert_close_step(name: str, got: dict, ref: dict, grads_by_rank: list[dict
     scale = max(g[0].abs().max().item() for g in ref["grads"].values())
     for pname in sorted(names):
         full = _unshard([gr[pname] for gr in grads_by_rank if pname in gr])
+        rows = ref["grads"][pname][0].shape[0]
+        if full.shape[0] != rows:  # the vocabulary padded to a multiple of 128 * TP
+            assert "word_embeddings" in pname or "output_layer" in pname, pname
+            assert torch.all(full[rows:] == 0), f"{name}: padded rows of {pname} got gradient"
+            full = full[:rows]
         torch.testing.assert_close(
             full, ref["grads"][pname][0], rtol=1e-4, atol=1e-5 * scale, msg=f"{name}: {pname}"
         )
@@ -220,7 +225,8 @@ def test_mopd_step_parity_across_layouts(tmp_path):
         torchrun=False, timeout=300, out_dir=tmp_path / "ref",
     )  # fmt: skip
     cases = [
-        {"name": "tp2", "tp": 2, "mbs": 2},
+        {"name": "tp2", "tp": 2, "mbs": 2},  # vocabulary 128 padded to 256 at TP2
+        {"name": "tp2_whole", "tp": 2, "mbs": 2, "chunk": 0},  # whole logits, not chunks
         {"name": "pp2", "pp": 2, "mbs": 4},  # 2 micro-batches of 4 rows (one padding row)
         {"name": "ep2", "ep": 2, "mbs": 2},  # EP2 x DP2 for the dense layers
         {"name": "dp2", "mbs": 2},  # 4 + 3 sequences: one padding row on rank 1
@@ -243,6 +249,15 @@ def test_mopd_step_parity_across_layouts(tmp_path):
         for case in cases:
             got = [rank[case["name"]][estimator] for rank in ranks]
             _assert_close_step(f"{case['name']}/{estimator}", got[0], r, [g["grads"] for g in got])
+        # chunked logits (tp2, default) and whole logits: the same parameters after the step
+        for rank in ranks:
+            chunked, whole = (
+                rank["tp2"][estimator]["params"],
+                rank["tp2_whole"][estimator]["params"],
+            )
+            assert set(chunked) == set(whole)
+            for pname, value in whole.items():
+                torch.testing.assert_close(chunked[pname], value, rtol=1e-5, atol=1e-6, msg=pname)
     assert ranks[0]["tp2"]["layout"] == (2, 1, 1, 1)
     assert ranks[0]["pp2"]["layout"] == (1, 2, 1, 1)
     assert ranks[0]["ep2"]["layout"] == (1, 1, 2, 2)

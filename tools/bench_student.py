@@ -107,7 +107,7 @@ def bench_megatron(layout: str, args: argparse.Namespace) -> list[dict]:
 
     from megatron_mopd.config import ParallelConfig
     from megatron_mopd.distributed import destroy, init_distributed
-    from megatron_mopd.student.logprobs import make_micro_batches, run_schedule, token_logprobs_B_T
+    from megatron_mopd.student.logprobs import make_micro_batches, output_head, run_schedule
     from megatron_mopd.student.model import build_model
     from megatron_mopd.student.train_step import next_token_loss, wrap_ddp
 
@@ -124,11 +124,10 @@ def bench_megatron(layout: str, args: argparse.Namespace) -> list[dict]:
     mine = seqs[env.dp_rank * share : (env.dp_rank + 1) * share]
     batches = make_micro_batches(mine, args.micro_batch, pad_to_multiple_of=env.tp)
     loss_fn = next_token_loss(args.batch * (SEQ - 1))
-    tp_group = chunks[0].module.pg_collection.tp
 
     def loss_func_for(mb):
         def loss_func(logits):
-            loss, _ = loss_fn(token_logprobs_B_T(logits, mb.tokens_B_T, tp_group), mb)
+            loss, _ = loss_fn(output_head(chunks).token_logprobs_B_T(logits, mb.tokens_B_T), mb)
             return loss, torch.tensor(0, dtype=torch.int), {"loss": float(loss.detach())}
 
         return loss_func

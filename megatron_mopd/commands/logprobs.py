@@ -53,6 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="parameter dtype"
     )
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this times TP (Megatron's; padding gets "
+        "no probability)",
+    )
+    parser.add_argument(
+        "--logits-chunk-tokens",
+        type=int,
+        default=512,
+        help="output layer and log-softmax over chunks of this many tokens (0: whole logits)",
+    )
 
 
 def read_sequences(path: str) -> list[tuple[int, list[int]]]:
@@ -138,7 +151,18 @@ def _validate(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], int]
 
     from megatron_mopd.student.load import resolve_model_config
 
-    model_cfg = ModelConfig(hf_path=args.hf, mcore_path=args.mcore, params_dtype=args.dtype)
+    model_cfg = ModelConfig(
+        hf_path=args.hf,
+        mcore_path=args.mcore,
+        params_dtype=args.dtype,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        logits_chunk_tokens=args.logits_chunk_tokens,
+    )
+    try:
+        model_cfg.validate("model")
+    except ConfigError as e:  # name the flag, not the config key
+        flag = str(e).split("=")[0].removeprefix("model.").replace("_", "-")
+        raise UserError(f"--{flag}: {e}") from None
     model_cfg = resolve_model_config(model_cfg, parallel)  # reads the folder's JSON only
     check_token_ranges(args.input, records, model_cfg.vocab_size, model_cfg.max_position_embeddings)
     return model_cfg, parallel, [ids for _, ids in records], rank

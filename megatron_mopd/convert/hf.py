@@ -331,7 +331,7 @@ def arch_of_chunk(chunk: torch.nn.Module) -> ModelConfig:
         num_attention_heads=tc.num_attention_heads,
         num_query_groups=tc.num_query_groups,
         kv_channels=tc.kv_channels,
-        vocab_size=inner.vocab_size,
+        vocab_size=getattr(inner, "mopd_vocab_size", inner.vocab_size),  # without padding
         num_moe_experts=tc.num_moe_experts,
         untie_embeddings_and_output_weights=not inner.share_embeddings_and_output_weights,
     )

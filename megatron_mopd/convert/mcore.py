@@ -37,6 +37,13 @@ writes the model's own names, or another spec's (`layer_spec=`, `mopd convert hf
 model's keys to match, and skips `_extra_state` objects the checkpoint lacks. Tested on CPU
 by renaming the keys of local-spec models (TE itself cannot be built here).
 
+Vocabulary padding: the embedding and output layer are stored with the rows the model had
+at save time (`model.vocab_size` rounded up to `make_vocab_size_divisible_by * TP`, recorded
+as `saved_layout.padded_vocab_size`); `mopd_model.json` records the real vocabulary. A load
+at another padding (another TP) reads the rows it needs: megatron-core marks those two
+tensors `allow_shape_mismatch`, so rows beyond the stored ones start at zero and stored rows
+beyond the model's are not read. Only padding rows differ, so nothing real is lost.
+
 Left out: virtual pipeline stages (several chunks per rank) are handled by the format
 (`model0`, `model1`, ...) but not exercised. Async saves are not used.
 """
@@ -271,6 +278,8 @@ def _model_meta(
     import megatron.core
     from megatron.core import parallel_state as ps
 
+    from megatron_mopd.student.model import padded_vocab_size
+
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -284,6 +293,11 @@ def _model_meta(
             "ep": ps.get_expert_model_parallel_world_size(),
             "etp": ps.get_expert_tensor_parallel_world_size(),
             "world_size": _rank_world()[1],
+            # the embedding / output rows stored (Megatron's padding at the save layout;
+            # a load at another padding reads the real rows, see module docstring)
+            "padded_vocab_size": padded_vocab_size(
+                model_cfg, ps.get_tensor_model_parallel_world_size()
+            ),
         },
         "source": source,
         "megatron_core": getattr(megatron.core, "__version__", None),
@@ -421,12 +435,7 @@ def _check_layout_for(model_cfg: ModelConfig, parallel: ParallelConfig, where: s
 
     parallel.validate("parallel")
     try:
-        check_layout(model_cfg, parallel)
-        if model_cfg.vocab_size % parallel.tp:
-            raise ConfigError(
-                f"parallel.tensor_model_parallel_size={parallel.tp} does not divide "
-                f"model.vocab_size={model_cfg.vocab_size}"
-            )
+        check_layout(model_cfg, parallel)  # any vocabulary: build_model pads it
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
     _, world_size, _ = torchrun_env()

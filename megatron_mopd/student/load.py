@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_mopd.config import ModelConfig, ParallelConfig, check_layout
-from megatron_mopd.errors import ConfigError
 
 
 def resolve_model_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> ModelConfig:
@@ -32,13 +31,7 @@ def resolve_model_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -
         resolved = read_mcore_config(model_cfg.mcore_path, base=model_cfg)
     else:
         resolved = model_cfg
-    check_layout(resolved, parallel_cfg)
-    if resolved.vocab_size % parallel_cfg.tp:
-        # build_model does not pad the vocabulary (so no padded logits reach the log-probs)
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size={parallel_cfg.tp} does not divide the "
-            f"model's vocab_size={resolved.vocab_size}"
-        )
+    check_layout(resolved, parallel_cfg)  # any vocabulary: build_model pads it
     return resolved
 
 

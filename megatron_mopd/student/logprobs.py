@@ -13,6 +13,13 @@ TP group (`[B, T, V / tp]`), and `vocab_parallel_token_logprobs` computes
 `logit[target] - logsumexp(logits)` with two all-reduces (max, sum of exps) and a third
 for the target's logit, with its own backward (softmax minus one-hot, per shard).
 
+The vocabulary may carry Megatron's padding (`model.make_vocab_size_divisible_by`): ids
+from `vocab_size` on are masked to -inf in every log-softmax (`real_columns`), so they get
+no probability and no gradient. With `model.logits_chunk_tokens > 0` the output layer
+returns the hidden states (`return_hidden_states`) and `OutputHead` computes the log-probs
+over chunks of tokens, recomputing each chunk's logits in backward: the `[T, V]` logits
+never exist whole. The loss functions of the schedule go through `output_head(chunks)`.
+
 `MicroBatch` and `make_micro_batches` are the padded batches that `forward_logprobs` and
 `student.train_step.train_step` both run through megatron's schedule.
 
@@ -22,6 +29,7 @@ context parallelism.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,20 +45,24 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     """log softmax(logits)[target] with the vocabulary sharded over `group`."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Any) -> torch.Tensor:
+    def forward(
+        ctx, logits: torch.Tensor, target: torch.Tensor, group: Any, vocab_size: int | None
+    ) -> torch.Tensor:
         world = 1 if group is None else dist.get_world_size(group)
         rank = 0 if group is None else dist.get_rank(group)
         vocab_local = logits.shape[-1]
         start = rank * vocab_local
+        real = real_columns(vocab_local, rank, vocab_size)
         x = logits.float()
-        max_ = x.max(dim=-1).values
+        max_ = _row_max(x, real)
         if world > 1:
             dist.all_reduce(max_, op=dist.ReduceOp.MAX, group=group)
         shifted = x - max_.unsqueeze(-1)  # a new tensor: `logits` itself is not modified
+        shifted[..., real:] = -math.inf  # padded vocabulary: no probability
         local = target - start
         in_shard = (local >= 0) & (local < vocab_local)
         index = local.clamp(0, vocab_local - 1).unsqueeze(-1)
-        picked = shifted.gather(-1, index).squeeze(-1) * in_shard
+        picked = torch.where(in_shard, shifted.gather(-1, index).squeeze(-1), 0.0)
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if world > 1:
@@ -68,32 +80,264 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         softmax, index, in_shard = ctx.saved_tensors
         grad_logits = softmax.mul_(-grad.unsqueeze(-1))  # softmax is not needed after this
         grad_logits.scatter_add_(-1, index, (grad * in_shard).unsqueeze(-1))
-        return grad_logits.to(ctx.input_dtype), None, None
+        return grad_logits.to(ctx.input_dtype), None, None, None
+
+
+def real_columns(vocab_local: int, rank: int, vocab_size: int | None) -> int:
+    """How many of the `vocab_local` columns of TP rank `rank`'s shard are real tokens (the
+    rest is Megatron's vocabulary padding, at the end of the padded vocabulary);
+    `vocab_size` None: all of them."""
+    if vocab_size is None:
+        return vocab_local
+    return max(0, min(vocab_local, vocab_size - rank * vocab_local))
+
+
+def _row_max(x: torch.Tensor, real: int) -> torch.Tensor:
+    """Max over the last axis's first `real` columns (-inf where there are none)."""
+    if real == 0:
+        return x.new_full(x.shape[:-1], -math.inf)
+    return x[..., :real].max(dim=-1).values
 
 
 def vocab_parallel_token_logprobs(
-    logits: torch.Tensor, target_ids: torch.Tensor, tp_group: Any = None
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    tp_group: Any = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """log p(target) from logits sharded over the vocabulary (fp32 result, differentiable).
 
-    `logits` is `[..., V / tp]`, this rank's contiguous slice of the vocabulary (rank r
-    holds ids `r * V/tp ... (r+1) * V/tp - 1`, as megatron's output layer); `target_ids`
-    is `[...]` with global ids. Every rank of `tp_group` gets the same result.
+    `logits` is `[..., V / tp]`, this rank's contiguous slice of the (padded) vocabulary
+    (rank r holds ids `r * V/tp ... (r+1) * V/tp - 1`, as megatron's output layer);
+    `target_ids` is `[...]` with global ids. `vocab_size`: the real vocabulary, ids from
+    it on are padding and get no probability (None: no padding). Every rank of `tp_group`
+    gets the same result.
     """
     if logits.shape[:-1] != target_ids.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and target_ids {tuple(target_ids.shape)} disagree"
         )
-    return _VocabParallelTokenLogprobs.apply(logits, target_ids, tp_group)
+    return _VocabParallelTokenLogprobs.apply(logits, target_ids, tp_group, vocab_size)
 
 
 def token_logprobs_B_T(
-    logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, tp_group: Any = None
+    logits_B_T_V: torch.Tensor,
+    tokens_B_T: torch.Tensor,
+    tp_group: Any = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """`[B, T]` log-probs of `tokens_B_T` given the logits the model produced for them
-    (`logits[:, t]` predicts token t + 1); column 0 is 0."""
-    logprobs = vocab_parallel_token_logprobs(logits_B_T_V[:, :-1], tokens_B_T[:, 1:], tp_group)
+    (`logits[:, t]` predicts token t + 1); column 0 is 0. `vocab_size`: see
+    `vocab_parallel_token_logprobs`."""
+    logprobs = vocab_parallel_token_logprobs(
+        logits_B_T_V[:, :-1], tokens_B_T[:, 1:], tp_group, vocab_size
+    )
     return torch.nn.functional.pad(logprobs, (1, 0))
+
+
+# --------------------------------------------------------------------------------------
+# the output layer: whole logits, or chunks of tokens recomputed in backward
+
+
+def return_hidden_states(output_layer: Any) -> None:
+    """Make megatron's output layer (a `ColumnParallelLinear`) return its input instead of
+    the logits: the final hidden states, with the layer's own input-side communication
+    (the all-gather over the sequence under sequence parallelism, whose backward
+    reduce-scatters; otherwise a copy whose backward all-reduces over TP). The schedule's
+    loss function then computes the log-probs chunk by chunk (`OutputHead`) from the
+    layer's weight; the weight's gradient reaches it (and DDP's `main_grad` hooks)
+    through autograd as before. Parameter names and checkpoints are unchanged."""
+    import types
+
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        group = self.tp_group
+        if self.sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(
+                input_, tensor_parallel_output_grad=True, group=group
+            )
+        elif group is not None and dist.get_world_size(group) > 1:
+            # megatron-core's copy_to_tensor_model_parallel_region, called here, left the
+            # gradient un-reduced at TP2 without sequence parallelism (a lower grad norm
+            # than TP1, tests/test_train_parity.py): our own copy, reduced in backward
+            input_ = _CopyToTensorParallel.apply(input_, group)
+        return input_, None
+
+    output_layer.forward = types.MethodType(forward, output_layer)
+    output_layer.mopd_returns_hidden = True
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward (a copy), all-reduce of the gradient over `group` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+@dataclass
+class OutputHead:
+    """What the schedule's last stage turns into log-probs, and how.
+
+    With `chunk_tokens == 0` the model's output is megatron's logits shard
+    `[B, T, V_padded / tp]`; with `chunk_tokens > 0` it is the final hidden states
+    `[B, T, H]` (`return_hidden_states`) and `weight` (this rank's `[V_padded / tp, H]`
+    output-layer shard) projects them `chunk_tokens` tokens at a time: the `[T, V]`
+    logits never exist whole, in forward or in backward (`_ChunkedOutputLogprobs`).
+    Either way ids from `vocab_size` on (the padding) get no probability mass.
+    """
+
+    tp_group: Any
+    vocab_size: int | None = None
+    chunk_tokens: int = 0
+    weight: torch.Tensor | None = None
+
+    def gather_logprobs(self, output: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`[..., K]` fp32 log-probs at global `ids` `[..., K]` of the distributions in
+        `output` (`[..., V_padded / tp]` logits or `[..., H]` hidden states, see above);
+        differentiable, identical on every TP rank."""
+        if self.chunk_tokens <= 0:
+            from megatron_mopd.loss import vocab_parallel_gather_logprobs
+
+            return vocab_parallel_gather_logprobs(
+                output, ids, self.tp_group, inplace=False, vocab_size=self.vocab_size
+            )
+        flat = output.reshape(-1, output.shape[-1])
+        out = _ChunkedOutputLogprobs.apply(
+            flat,
+            self.weight,
+            ids.reshape(flat.shape[0], ids.shape[-1]),
+            self.tp_group,
+            self.vocab_size,
+            self.chunk_tokens,
+        )
+        return out.reshape(ids.shape)
+
+    def token_logprobs_B_T(self, output_B_T_X: torch.Tensor, tokens_B_T: torch.Tensor):
+        """`[B, T]` log-probs of `tokens_B_T` (as `token_logprobs_B_T`; column 0 is 0)."""
+        if self.chunk_tokens <= 0:
+            return token_logprobs_B_T(output_B_T_X, tokens_B_T, self.tp_group, self.vocab_size)
+        ids = tokens_B_T[:, 1:].unsqueeze(-1)
+        logprobs = self.gather_logprobs(output_B_T_X[:, :-1], ids).squeeze(-1)
+        return torch.nn.functional.pad(logprobs, (1, 0))
+
+
+def output_head(model_chunks: list[Any]) -> OutputHead:
+    """The `OutputHead` of the last model chunk (call on the last pipeline stage)."""
+    inner = unwrap_model(model_chunks[-1])
+    chunk = int(getattr(inner, "mopd_logits_chunk_tokens", 0))
+    if not getattr(inner.output_layer, "mopd_returns_hidden", False):
+        chunk = 0
+    weight = None
+    if chunk:
+        weight = (
+            inner.shared_embedding_or_output_weight()
+            if inner.share_embeddings_and_output_weights
+            else inner.output_layer.weight
+        )
+    return OutputHead(
+        tp_group=inner.pg_collection.tp,
+        vocab_size=getattr(inner, "mopd_vocab_size", None),
+        chunk_tokens=chunk,
+        weight=weight,
+    )
+
+
+def full_logits(
+    model_chunks: list[Any], tokens_B_T: torch.Tensor, position_ids_B_T: torch.Tensor
+) -> torch.Tensor:
+    """`[B, T, V]` logits over the real vocabulary (padding dropped) of a single-stage TP1
+    model, by plain autograd, whole: for references and tests, not for training."""
+    out = model_chunks[0](tokens_B_T, position_ids_B_T, None)
+    head = output_head(model_chunks)
+    if head.chunk_tokens > 0:
+        out = torch.matmul(out, head.weight.t())
+    return out[..., : head.vocab_size] if head.vocab_size else out
+
+
+class _ChunkedOutputLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[ids] over chunks of rows, vocabulary sharded over
+    `group`. Saves only the hidden states, the weight and one log-normaliser per row; the
+    backward recomputes each chunk's logits. The gradient of `hidden` is this rank's part
+    (summed over TP by the output layer's input-side communication)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, group, vocab_size, chunk):  # type: ignore[override]
+        rank = 0 if group is None else dist.get_rank(group)
+        world = 1 if group is None else dist.get_world_size(group)
+        part = weight.shape[0]
+        real = real_columns(part, rank, vocab_size)
+        ids = ids.to(hidden.device)
+        local = ids - rank * part
+        inside = (local >= 0) & (local < part)
+        local = local.clamp(0, part - 1)
+        rows = hidden.shape[0]
+        dtype = _compute_dtype(weight)
+        out = torch.empty(rows, ids.shape[1], dtype=dtype, device=hidden.device)
+        lse = torch.empty(rows, dtype=dtype, device=hidden.device)
+        for s in range(0, rows, chunk):
+            sl = slice(s, s + chunk)
+            z = _chunk_logits(hidden[sl], weight, real)
+            top = _row_max(z, part)
+            if world > 1:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            z.sub_(top[:, None])
+            both = torch.empty(z.shape[0], ids.shape[1] + 1, dtype=z.dtype, device=z.device)
+            both[:, :-1] = torch.where(inside[sl], z.gather(-1, local[sl]), 0.0)
+            both[:, -1] = z.exp_().sum(dim=-1)
+            if world > 1:
+                dist.all_reduce(both, group=group)
+            log_sum = both[:, -1].log()
+            out[sl] = both[:, :-1] - log_sum[:, None]
+            lse[sl] = top + log_sum
+            del z
+        ctx.save_for_backward(hidden, weight, local, inside, lse)
+        ctx.meta = (real, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, local, inside, lse = ctx.saved_tensors
+        real, chunk = ctx.meta
+        grad_hidden = torch.empty_like(hidden)
+        dtype = _compute_dtype(weight)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        g_all = grad_out.to(dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            z = _chunk_logits(hidden[sl], weight, real)
+            g = g_all[sl]
+            # d logp_k / d z_v = [v == id_k] - softmax_v
+            p = z.sub_(lse[sl, None]).exp_()
+            grad_z = p.mul_(-g.sum(dim=-1, keepdim=True))
+            grad_z.scatter_add_(-1, local[sl], torch.where(inside[sl], g, 0.0))
+            grad_z = grad_z.to(weight.dtype)
+            grad_hidden[sl] = grad_z @ weight
+            grad_weight.addmm_(grad_z.t().to(dtype), hidden[sl].to(dtype))
+            del z, p, grad_z
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The log-softmax's dtype: float64 for float64 weights, float32 otherwise."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, real: int) -> torch.Tensor:
+    """`[n, V/tp]` logits of a chunk (float32, or float64), computed in the weight's dtype
+    as megatron's output layer does, padded columns set to -inf."""
+    z = torch.matmul(hidden, weight.t()).to(_compute_dtype(weight))
+    if real < z.shape[-1]:
+        z[:, real:] = -math.inf
+    return z
 
 
 # --------------------------------------------------------------------------------------
@@ -294,7 +538,8 @@ def forward_logprobs(
 
     def loss_func_for(mb: MicroBatch):
         def loss_func(logits: torch.Tensor):
-            logprobs = token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device), tp_group)
+            head = output_head(model_chunks)  # logits, or hidden states projected in chunks
+            logprobs = head.token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device))
             zero = logprobs.new_zeros(())
             return zero, torch.tensor(0, dtype=torch.int), {"logprobs_B_T": logprobs.cpu()}
 

@@ -25,6 +25,12 @@ present) the TE spec is used, with grouped-GEMM experts. Parameter names differ 
 the two (TE fuses the input norm into `linear_qkv`/`linear_fc1`); the TE path is not
 tested on these CPU machines.
 
+The vocabulary is padded as Megatron does (`padded_vocab_size`: a multiple of
+`model.make_vocab_size_divisible_by * TP`), so any vocabulary runs at any TP; the model
+records the real size (`mopd_vocab_size`) for the log-probs (which mask the padding) and
+the exports (which drop it). With `model.logits_chunk_tokens > 0` the output layer returns
+the hidden states and the log-probs are computed chunk by chunk (`student.logprobs`).
+
 Random initialisation (when no checkpoint is loaded) is *layout independent*: every
 parameter is drawn as the full, unsharded tensor from a generator seeded by
 `model.seed` and the parameter's global name, then sliced to this rank's shard. So the
@@ -183,6 +189,15 @@ def recompute_kwargs(model_cfg: ModelConfig, transformer_engine: bool) -> dict[s
     return kw
 
 
+def padded_vocab_size(model_cfg: ModelConfig, tp: int) -> int:
+    """The vocabulary the embedding and output layer hold: `model.vocab_size` rounded up to
+    a multiple of `model.make_vocab_size_divisible_by * tp` (Megatron's rule), so any
+    vocabulary splits over any TP. The padded rows are zero on load and random init, dropped
+    on export, and their logits are masked out of every log-softmax."""
+    multiple = model_cfg.make_vocab_size_divisible_by * tp
+    return -(-model_cfg.vocab_size // multiple) * multiple
+
+
 def uses_allgather_dispatcher(model_cfg: ModelConfig) -> bool:
     """True for MoE models with the allgather token dispatcher."""
     return model_cfg.is_moe and model_cfg.moe_token_dispatcher_type == "allgather"
@@ -226,11 +241,6 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    if model_cfg.vocab_size % parallel_cfg.tp:
-        raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} must be divisible by "
-            f"parallel.tensor_model_parallel_size={parallel_cfg.tp} (pad the vocabulary)"
-        )
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("call megatron_mopd.distributed.init_distributed() before build_model()")
     if ps.get_tensor_model_parallel_world_size() != parallel_cfg.tp or (
@@ -245,7 +255,7 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model_cfg),
-        vocab_size=model_cfg.vocab_size,
+        vocab_size=padded_vocab_size(model_cfg, parallel_cfg.tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
@@ -255,6 +265,14 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=model_cfg.rotary_base,
     )
+    # the real vocabulary (exports drop the padded rows, log-probs mask them) and how the
+    # output layer runs: see student.logprobs.OutputHead
+    model.mopd_vocab_size = model_cfg.vocab_size
+    model.mopd_logits_chunk_tokens = model_cfg.logits_chunk_tokens
+    if model.post_process and model_cfg.logits_chunk_tokens > 0:
+        from megatron_mopd.student.logprobs import return_hidden_states
+
+        return_hidden_states(model.output_layer)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     chunks = [model]
@@ -349,8 +367,17 @@ def init_parameters(model_chunks: list[Any], model_cfg: ModelConfig, seed: int) 
                     shape[dim] *= world
                 gen = torch.Generator().manual_seed(_name_seed(seed, gname))
                 scale = out_std if (".linear_proj." in gname or ".linear_fc2." in gname) else std
+                vocab = gname in _VOCAB_PARAMS
+                padded = shape[0] if vocab else 0
+                if vocab:  # drawn at the real vocabulary (the same at every padding), then padded
+                    shape[0] = model_cfg.vocab_size
                 full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+                if vocab:
+                    full = F.pad(full, (0, 0, 0, padded - shape[0]))
                 param.copy_(shard_full_tensor(full, dim, stride, world, rank).to(param.dtype))
+
+
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def is_expert_param(name: str) -> bool:

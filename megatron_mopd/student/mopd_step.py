@@ -50,7 +50,7 @@ from megatron_mopd.loss import (
     stats_to_means,
     vocab_parallel_gather_logprobs,
 )
-from megatron_mopd.student.logprobs import MicroBatch, unwrap_model
+from megatron_mopd.student.logprobs import MicroBatch, OutputHead, unwrap_model
 from megatron_mopd.student.micro_batches import (
     agree_num_micro_batches,
     plan_token_budget,
@@ -246,18 +246,23 @@ def summarize(out: dict[str, Any], domains: Sequence[str]) -> dict[str, Any]:
 # the step
 
 
-def topk_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group: Any) -> torch.Tensor:
+def topk_logprobs(output: torch.Tensor, mb: MicroBatch, head: OutputHead) -> torch.Tensor:
     """`[R, T, 1 + K]` log-probs, position t holding those of the distribution that
     predicts token t (column 0 is 0): the sampled token, then the teacher's top-k ids.
 
-    One vocabulary-parallel pass over the logits shard `[R, T, V / tp]`; the backward is
-    written into the logits' storage (the schedule does not read them afterwards)."""
-    tokens = mb.tokens_B_T.to(logits.device)
-    top = mb.data["teacher_topk_ids_B_T_K"].to(logits.device)
+    One vocabulary-parallel pass: over the logits shard `[R, T, V / tp]`, the backward
+    written into the logits' storage (the schedule does not read them afterwards); or,
+    with chunked logits, over the hidden states chunk by chunk (`OutputHead`)."""
+    tokens = mb.tokens_B_T.to(output.device)
+    top = mb.data["teacher_topk_ids_B_T_K"].to(output.device)
     ids = torch.cat([tokens.unsqueeze(-1), top], dim=-1)
-    # logits[:, t] predicts token t + 1: gather position t + 1's ids at t (last: unused)
-    ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    logprobs = vocab_parallel_gather_logprobs(logits, ids, tp_group, inplace=True)
+    # output[:, t] predicts token t + 1: gather position t + 1's ids at t
+    if head.chunk_tokens > 0:
+        return F.pad(head.gather_logprobs(output[:, :-1], ids[:, 1:]), (0, 0, 1, 0))
+    ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # (last: unused)
+    logprobs = vocab_parallel_gather_logprobs(
+        output, ids, head.tp_group, inplace=True, vocab_size=head.vocab_size
+    )
     return F.pad(logprobs[:, :-1], (0, 0, 1, 0))
 
 

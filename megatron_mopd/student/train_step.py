@@ -52,13 +52,14 @@ import torch.distributed as dist
 from megatron_mopd.config import ParallelConfig, TrainConfig
 from megatron_mopd.student.logprobs import (
     MicroBatch,
+    OutputHead,
+    output_head,
     run_schedule,
-    token_logprobs_B_T,
     unwrap_model,
 )
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]]]
-LogprobsFn = Callable[[torch.Tensor, MicroBatch, Any], torch.Tensor]
+LogprobsFn = Callable[[torch.Tensor, MicroBatch, OutputHead], torch.Tensor]
 
 
 def wrap_ddp(model_chunks: list[Any], parallel_cfg: ParallelConfig) -> list[Any]:
@@ -206,9 +207,11 @@ def train_step(
     See the module docstring for the gradient contract of `loss_fn` and what is returned.
     Every rank of the layout calls this with its own DP share of the micro-batches (the
     same number of micro-batches on every DP rank); ranks of one model-parallel group pass
-    the same ones. `logprobs_fn(logits_shard, micro_batch, tp_group)` replaces the default
-    (the sampled tokens' vocabulary-parallel log-probs) when the loss needs more, e.g. the
-    log-probs of a teacher's top-k ids (`student.mopd_step.topk_logprobs`).
+    the same ones. `logprobs_fn(output, micro_batch, head)` replaces the default (the
+    sampled tokens' vocabulary-parallel log-probs) when the loss needs more, e.g. the
+    log-probs of a teacher's top-k ids (`student.mopd_step.topk_logprobs`): `output` is
+    the last stage's output (logits shard, or hidden states with chunked logits) and
+    `head.gather_logprobs(output, ids)` turns it into log-probs (`logprobs.OutputHead`).
     """
     inner = unwrap_model(model_chunks[0])
     pgs = inner.pg_collection
@@ -221,10 +224,11 @@ def train_step(
 
     def loss_func_for(mb: MicroBatch):
         def loss_func(logits: torch.Tensor):
+            head = output_head(model_chunks)  # logits, or hidden states projected in chunks
             if logprobs_fn is None:
-                logprobs = token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device), pgs.tp)
+                logprobs = head.token_logprobs_B_T(logits, mb.tokens_B_T.to(logits.device))
             else:
-                logprobs = logprobs_fn(logits, mb, pgs.tp)
+                logprobs = logprobs_fn(logits, mb, head)
             loss, metrics = loss_fn(logprobs, mb)
             reduced = {"loss": float(loss.detach())}
             reduced.update({k: float(v) for k, v in metrics.items()})

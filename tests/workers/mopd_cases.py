@@ -15,6 +15,7 @@ plain autograd on the whole batch at once: full log_softmax, no schedule, no mic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from megatron_mopd.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
+from megatron_mopd.student.logprobs import full_logits, unwrap_model  # noqa: E402
 
 MODEL = ModelConfig(
     num_layers=2,
@@ -144,7 +146,7 @@ def dense_reference(chunks, batch: TrainBatch, cfg: LossConfig) -> tuple[float, 
         chunk.zero_grad_buffer()
     tokens = batch.tokens_B_T
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = chunks[0](tokens, pos, None)
+    logits = full_logits(chunks, tokens, pos)
     logp = torch.log_softmax(logits.double(), -1)[:, :-1]
     train = torch.nn.functional.pad(logp.gather(-1, tokens[:, 1:, None])[..., 0], (1, 0))
     top = torch.nn.functional.pad(
@@ -180,17 +182,23 @@ def run_case(case: dict) -> dict:
     layout = distributed.init_distributed(parallel, MODEL, seed=0)
     batch = make_batch()
     results: dict = {"layout": (layout.tp, layout.pp, layout.ep, layout.dp)}
+    model = dataclasses.replace(MODEL, logits_chunk_tokens=case.get("chunk", 512))
     for estimator in ("sampled", "topk"):
         cfg = loss_config(estimator)
-        chunks = wrap_ddp(build_model(MODEL, parallel), parallel)
+        chunks = wrap_ddp(build_model(model, parallel), parallel)
         optimizer, _ = build_optimizer(
-            chunks, TrainConfig(lr=1e-3, lr_warmup_steps=0, clip_grad=0.0), parallel
+            chunks, TrainConfig(lr=1.0, adam_eps=1.0, lr_warmup_steps=0, clip_grad=0.0), parallel
         )
         res: dict = {}
         if case.get("dense"):
             res["dense_loss"], res["dense_grads"] = dense_reference(chunks, batch, cfg)
         res["out"] = mopd_train_step(chunks, optimizer, batch, cfg, case["mbs"])
         res["grads"] = collect_grads(chunks)
+        # Adam with eps = 1 (and lr = 1): the first update is about the gradient itself,
+        # so parameters compare like gradients (eps ~ 0 would amplify rounding in tiny ones)
+        res["params"] = {
+            n: p.detach().clone() for c in chunks for n, p in unwrap_model(c).named_parameters()
+        }
         results[estimator] = res
     results["seconds"] = time.perf_counter() - start
     distributed.destroy(keep_process_group=True)

@@ -101,6 +101,10 @@ def run_case(case: dict) -> dict:
     from megatron_mopd.student.train_step import build_optimizer, train_step, wrap_ddp
 
     model = MODELS[case["model"]]
+    if "chunk" in case:  # model.logits_chunk_tokens
+        model = replace(model, logits_chunk_tokens=case["chunk"])
+    if "by" in case:  # model.make_vocab_size_divisible_by
+        model = replace(model, make_vocab_size_divisible_by=case["by"])
     if "dispatcher" in case:
         model = replace(model, moe_token_dispatcher_type=case["dispatcher"])
     parallel = ParallelConfig(
