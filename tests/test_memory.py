@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from multirank import start_workers
 
-from megatron_mopd.config import Config, ModelConfig, ParallelConfig
+from megatron_mopd.config import Config, ModelConfig, ParallelConfig, load_config
 from megatron_mopd.errors import ConfigError
 from megatron_mopd.student import memory
 
@@ -150,12 +150,20 @@ def test_logits_whole_and_chunked():
 def test_padded_vocab_and_bad_recompute_settings():
     assert memory.padded_vocab_size(211, 128, 2) == 256
     assert memory.padded_vocab_size(151936, 128, 1) == 151936
-    cfg = Config()
-    object.__setattr__(cfg.model, "recompute_granularity", "full")
+    # the config refuses bad recompute settings before the model sees them
     with pytest.raises(ConfigError, match="model.recompute_method"):
-        memory.settings_from_config(cfg, 1)
-    object.__setattr__(cfg.model, "recompute_granularity", "everything")
-    with pytest.raises(ConfigError, match="model.recompute_granularity"):
+        load_config(None, ["model.recompute_granularity=full"])
+    # a module megatron-core can recompute but the memory model does not model
+    cfg = load_config(
+        None,
+        [
+            "model.num_moe_experts=4",
+            "model.moe_shared_expert_intermediate_size=64",
+            "model.recompute_granularity=selective",
+            "model.recompute_modules=[shared_experts]",
+        ],
+    )
+    with pytest.raises(ConfigError, match="model.recompute_modules.*not modelled"):
         memory.settings_from_config(cfg, 1)
 
 

@@ -21,50 +21,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PENDING = {
-    "model": (
-        "recompute_granularity",
-        "recompute_method",
-        "recompute_num_layers",
-        "recompute_modules",
-        "logits_chunk_tokens",
-        "make_vocab_size_divisible_by",
-    ),
-    "train": ("max_tokens_per_microbatch",),
-}
-
 
 def load_recipe(path: str, overrides: list[str]):
-    """`config.load_config`, with the PENDING keys this checkout may not know yet."""
-    import yaml
+    """The recipe's config tree (`config.load_config`)."""
+    from megatron_mopd.config import load_config
 
-    from megatron_mopd.config import Config, from_dict
-    from megatron_mopd.config_tree import apply_override
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    for item in overrides:
-        apply_override(raw, item)
-    known = {f.name: f for f in dataclasses.fields(Config)}
-    pending: dict[str, dict] = {}
-    for section, keys in PENDING.items():
-        fields = {f.name for f in dataclasses.fields(known[section].default_factory)}
-        part = raw.get(section) or {}
-        for key in keys:
-            if key in part and key not in fields:
-                pending.setdefault(section, {})[key] = part.pop(key)
-    cfg = from_dict(Config, raw, "")
-    cfg.validate()
-    for section, values in pending.items():
-        for key, value in values.items():
-            object.__setattr__(getattr(cfg, section), key, value)
-    return cfg
+    return load_config(path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

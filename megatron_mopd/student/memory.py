@@ -128,28 +128,16 @@ def settings_from_config(cfg: Any, world_size: int) -> Settings:
     seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     seqs = cfg.train.prompts_per_step * cfg.rollout.n_samples_per_prompt
     per_rank = max(1, seqs // dp)
-    budget = int(getattr(train, "max_tokens_per_microbatch", 0) or 0)
+    budget = train.max_tokens_per_microbatch
     if budget > 0:
         tokens_mb = max(budget, seq_len)  # one sequence longer than the budget goes alone
         micro_batches = max(1, math.ceil(per_rank * seq_len / tokens_mb))
     else:
         tokens_mb = train.micro_batch_size * seq_len
         micro_batches = max(1, math.ceil(per_rank / train.micro_batch_size))
-    granularity = getattr(m, "recompute_granularity", None)
-    method = getattr(m, "recompute_method", None)
-    num_layers = getattr(m, "recompute_num_layers", None)
-    modules = getattr(m, "recompute_modules", None)
-    if granularity not in (None, "full", "selective"):
-        raise ConfigError(f"model.recompute_granularity={granularity!r}: null, full or selective")
-    if granularity == "full":
-        if method not in ("uniform", "block"):
-            raise ConfigError(
-                f"model.recompute_method={method!r}: full recomputation needs uniform or block"
-            )
-        if not num_layers or num_layers < 1:
-            raise ConfigError(
-                f"model.recompute_num_layers={num_layers!r}: full recomputation needs >= 1"
-            )
+    # the recompute settings were validated with the config (ModelConfig.validate)
+    granularity, modules = m.recompute_granularity, m.recompute_modules
+    method, num_layers = m.recompute_method, m.recompute_num_layers
     mods: tuple[str, ...] = ()
     if granularity == "selective":
         mods = tuple(modules) if modules else DEFAULT_SELECTIVE_MODULES
@@ -158,7 +146,6 @@ def settings_from_config(cfg: Any, world_size: int) -> Settings:
             raise ConfigError(
                 f"model.recompute_modules: {bad} not modelled; choose from {list(RECOMPUTE_MODULES)}"
             )
-    divisible = int(getattr(m, "make_vocab_size_divisible_by", 128) or 1)
     return Settings(
         tp=par.tp,
         pp=par.pp,
@@ -172,8 +159,8 @@ def settings_from_config(cfg: Any, world_size: int) -> Settings:
         seq_len=seq_len,
         tokens_per_microbatch=tokens_mb,
         micro_batches=micro_batches,
-        logits_chunk_tokens=int(getattr(m, "logits_chunk_tokens", 512) or 0),
-        padded_vocab=padded_vocab_size(m.vocab_size, divisible, par.tp),
+        logits_chunk_tokens=m.logits_chunk_tokens,
+        padded_vocab=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tp),
         recompute_granularity=granularity,
         recompute_method=method,
         recompute_num_layers=num_layers,

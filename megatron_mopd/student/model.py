@@ -194,8 +194,9 @@ def padded_vocab_size(model_cfg: ModelConfig, tp: int) -> int:
     a multiple of `model.make_vocab_size_divisible_by * tp` (Megatron's rule), so any
     vocabulary splits over any TP. The padded rows are zero on load and random init, dropped
     on export, and their logits are masked out of every log-softmax."""
-    multiple = model_cfg.make_vocab_size_divisible_by * tp
-    return -(-model_cfg.vocab_size // multiple) * multiple
+    from megatron_mopd.student.memory import padded_vocab_size as rule
+
+    return rule(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
 
 
 def uses_allgather_dispatcher(model_cfg: ModelConfig) -> bool:
