@@ -11,8 +11,8 @@ import random
 import orjson
 from sglang_helpers import scoring_item
 
-from megatron_mopd.fast_answers import fast_scored
-from megatron_mopd.sglang_answers import check_scored
+from megatron_mopd.sglang.answers import check_scored
+from megatron_mopd.sglang.fast_answers import fast_scored
 
 
 def scoring_answer(seqs, sent_start, top_k=0, **meta):

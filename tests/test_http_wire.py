@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from megatron_mopd.http_pool import ConnectionPool
-from megatron_mopd.http_wire import MAX_HEAD_BYTES, Connection
+from megatron_mopd.sglang.http_pool import ConnectionPool
+from megatron_mopd.sglang.http_wire import MAX_HEAD_BYTES, Connection
 
 
 class Scripted:

@@ -196,7 +196,7 @@ def test_scores_without_torchrun(tmp_path, models):
 def test_vocabulary_not_divisible_by_tp(tmp_path, run_here):
     """The student does not pad its vocabulary, so TP must divide it (said before any
     process group exists, not by build_model on every rank)."""
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     folder = make_tiny_hf_model("qwen2", str(tmp_path / "m"), vocab_size=129)
     path = write_lines(tmp_path / "in.jsonl", [GOOD])

@@ -18,7 +18,7 @@ from megatron_mopd.teachers.preflight import (
     probe_strings,
     server_status,
 )
-from megatron_mopd.tiny import make_char_tokenizer
+from megatron_mopd.toy.tiny import make_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def test_server_status_waits_for_a_starting_server(toks):
 
 def test_mopd_serve_answers_text_probes(tmp_path, toks):
     """The project's own server (`mopd serve`) speaks both paths of the contract."""
-    server_mod = pytest.importorskip("megatron_mopd.server")
-    from megatron_mopd.tiny import make_tiny_hf_model
+    server_mod = pytest.importorskip("megatron_mopd.server.app")
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     hf = make_tiny_hf_model("qwen3", str(tmp_path / "m"), seed=0)
     server = server_mod.SGLangCompatibleServer(hf, port=0)

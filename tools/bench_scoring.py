@@ -106,7 +106,7 @@ def run_mode(client, seqs, batch_size, pids, top_k=0) -> tuple[float, float, flo
 def start_servers(args: argparse.Namespace, hf: str, work: str, procs: list) -> tuple:
     """Two `mopd serve` processes and sglang-router in front of them (appended to
     `procs`); returns (server URLs, router URL or None when it did not start, server pids)."""
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     py, urls = sys.executable, []
     for i in range(2):
@@ -148,7 +148,7 @@ def start_servers(args: argparse.Namespace, hf: str, work: str, procs: list) -> 
 def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
     """Score in every mode; rows of (mode, sequences, wall s, client CPU s, servers' CPU s).
     Exits if the modes' results differ."""
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     rows = []
     sub = seqs[: args.sequential_n]
@@ -213,7 +213,7 @@ def bench(args: argparse.Namespace) -> None:
     """Start the servers and the router, run every mode, print the figures."""
     import torch
 
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     work = tempfile.mkdtemp(prefix="mopd_bench_")
     hf = args.hf or make_tiny_hf_model(

@@ -61,12 +61,18 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from megatron_mopd.errors import ConfigError, RetryableAnswer, TeacherError
-from megatron_mopd.http_pool import Answer, ConnectionPool, decode_answer, dumps_json, error_text
-from megatron_mopd.sglang_answers import (
+from megatron_mopd.sglang.answers import (
     Generation,
     ScoredSequence,
     check_generation,
     check_scoring_answer,
+)
+from megatron_mopd.sglang.http_pool import (
+    Answer,
+    ConnectionPool,
+    decode_answer,
+    dumps_json,
+    error_text,
 )
 
 _gc_lock = threading.Lock()

@@ -1,6 +1,6 @@
 """HTTP for the SGLang client: a pool of keep-alive connections (`http_wire`), and the JSON encoding and decoding of requests and answers (orjson when installed).
 
-Split from `sglang_client.py`, which holds the SGLang protocol (requests, retries,
+Split from `client.py`, which holds the SGLang protocol (requests, retries,
 checks); nothing here knows SGLang.
 """
 
@@ -12,7 +12,7 @@ import threading
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from megatron_mopd.http_wire import Connection
+from megatron_mopd.sglang.http_wire import Connection
 
 try:  # orjson is much faster on the large log-prob lists; stdlib json is the fallback
     import orjson

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_mopd.sglang_client import gc_paused
+from megatron_mopd.sglang.client import gc_paused
 from megatron_mopd.types import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default (srt/sampling/sampling_params.py)
