@@ -1,23 +1,42 @@
-"""HTTP for the SGLang client: a pool of keep-alive connections (`http_wire`), and the JSON encoding and decoding of requests and answers (orjson when installed).
+"""HTTP for the SGLang client: keep-alive connections from urllib3, and the JSON encoding and decoding of requests and answers (orjson when installed).
 
-Split from `client.py`, which holds the SGLang protocol (requests, retries,
-checks); nothing here knows SGLang.
+Split from `client.py`, which holds the SGLang protocol (requests, retries, checks);
+nothing here knows SGLang. The HTTP/1.1 framing (chunked and `Content-Length` bodies,
+keep-alive rules, interim answers, TLS) is urllib3's, a library that requests and pip
+are built on, maintained, fuzzed and patched for security; this module only chooses its
+settings: no retries or redirects of its own (the client retries, naming the teacher),
+no proxy, a short connect timeout and a longer one for the answer.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
-import select
 import threading
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
-from megatron_mopd.sglang.http_wire import Connection
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 try:  # orjson is much faster on the large log-prob lists; stdlib json is the fallback
     import orjson
 except ImportError:  # pragma: no cover - orjson is normally present
     orjson = None
+
+# What `ConnectionPool.send` raises when no answer came: refused, dropped, timed out, not
+# HTTP, TLS refused (`is_timeout` tells the timeouts apart).
+TRANSPORT_ERRORS = (Urllib3Error, OSError, http.client.HTTPException)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """True if `error` (one of `TRANSPORT_ERRORS`) is a timeout: connecting, or no byte
+    from the server for the read timeout. (urllib3's `NewConnectionError`, a refused or
+    unreachable address, derives from its connect timeout class but is not one.)"""
+    if isinstance(error, NewConnectionError):
+        return False
+    return isinstance(error, Urllib3Timeout | ReadTimeoutError | TimeoutError)
 
 
 def dumps_json(body: Any) -> bytes:
@@ -87,18 +106,24 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class ConnectionPool:
-    """Keep-alive HTTP/1.1 connections (`http_wire.Connection`), per server, shared by threads.
+    """Keep-alive HTTP/1.1 connections, per server URL, shared by threads (urllib3's
+    `HTTPConnectionPool` / `HTTPSConnectionPool`, one per URL).
 
     Each request takes an idle connection to its server, or opens one, and gives it back
-    once the answer is read in full; a connection that failed, timed out or is to be
-    closed is dropped. An idle connection the server closed meanwhile (uvicorn closes
-    them after 5 s) shows as readable and is dropped before use, as httpcore does.
-    Per 250 kB scoring answer, the connection costs ~0.3 ms of CPU, stdlib http.client
-    ~0.6 ms and httpx ~1.2 ms: HTTP was the largest part of the client's overhead per
-    scoring request (tools/bench_scoring.py).
+    once the answer is read in full; a connection that failed or is to be closed is
+    dropped, and an idle one the server closed meanwhile (uvicorn closes them after 5 s)
+    is noticed and replaced before use. Up to `max_idle` connections per server stay
+    open; more may be in use at once (`block=False`).
 
-    `send` raises `TimeoutError` (connecting, or no byte for `timeout` seconds while
-    sending or reading), `OSError` or `http.client.HTTPException` (refused, dropped, ...).
+    Timeouts: `connect_timeout` for connecting and for sending the request (urllib3 sends
+    under the connect timeout), `timeout` (or the call's) for each wait on the answer,
+    i.e. how long the server may stay silent. TLS (`https://`) verifies with the default
+    certificate store (`SSL_CERT_FILE` is honoured). `HTTP(S)_PROXY` is never read:
+    connections go straight to the URLs. urllib3 neither retries nor follows redirects
+    here: the caller decides.
+
+    `send` raises one of `TRANSPORT_ERRORS` when no whole answer came (`is_timeout`
+    tells a timeout from a refused or dropped connection).
     """
 
     def __init__(
@@ -108,14 +133,15 @@ class ConnectionPool:
         (SGLang's `--api-key`)."""
         if api_key is not None and any(c in api_key for c in "\r\n"):
             raise ValueError("the API key contains a line break")
-        self._headers = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self._headers = {"Accept": "*/*"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self._idle: dict[str, list[Connection]] = {}
-        self._prefix: dict[str, str] = {}  # base URL -> its path ("" for most servers)
+        self._pools: dict[str, tuple[urllib3.HTTPConnectionPool, str]] = {}
         self._lock = threading.Lock()
-        self._closed = False
 
     def send(
         self,
@@ -127,72 +153,50 @@ class ConnectionPool:
     ) -> Answer:
         """`method base+path` with `body` (JSON); the whole answer."""
         timeout = self.timeout if timeout is None else timeout
-        conn = self._take(base)
-        if conn is None:
-            conn = self._connect(base, min(self.connect_timeout, timeout))
-        try:
-            resp = conn.exchange(
-                method, self._prefix[base] + path, body, timeout, "application/json", self._headers
-            )
-        except BaseException:
-            conn.close()
-            raise
-        answer = Answer(
-            resp.status,
-            resp.reason,
-            resp.headers.get("content-type", ""),
-            resp.data,
-            _retry_after(resp.headers.get("retry-after")),
+        pool, prefix = self._pool(base)
+        resp = pool.urlopen(
+            method,
+            prefix + path,
+            body=body,
+            headers=self._headers if body is None else self._json_headers,
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=urllib3.Timeout(connect=min(self.connect_timeout, timeout), read=timeout),
+            preload_content=True,
         )
-        if resp.will_close:
-            conn.close()
-        else:
-            self._give(base, conn)
-        return answer
+        headers = resp.headers
+        return Answer(
+            resp.status,
+            resp.reason or "",
+            headers.get("content-type", ""),
+            resp.data,
+            _retry_after(headers.get("retry-after")),
+        )
 
     def close(self) -> None:
         """Close the idle connections (those in use are closed when given back)."""
         with self._lock:
-            self._closed = True
-            conns = [c for cs in self._idle.values() for c in cs]
-            self._idle.clear()
-        for c in conns:
-            c.close()
+            pools = [p for p, _ in self._pools.values()]
+            self._pools.clear()
+        for p in pools:
+            p.close()
 
-    def _connect(self, base: str, connect_timeout: float) -> Connection:
-        u = urlsplit(base)
-        self._prefix[base] = u.path.rstrip("/")  # a server behind a path prefix
-        return Connection(u.hostname or "", u.port, u.scheme == "https", connect_timeout)
-
-    def _take(self, base: str) -> Connection | None:
-        while True:
-            with self._lock:
-                idle = self._idle.get(base)
-                conn = idle.pop() if idle else None
-            if conn is None or _still_open(conn):
-                return conn
-            conn.close()
-
-    def _give(self, base: str, conn: Connection) -> None:
+    def _pool(self, base: str) -> tuple[urllib3.HTTPConnectionPool, str]:
+        """The pool of `base` (made on first use) and its path prefix ("" for most
+        servers; a server behind a path prefix keeps it)."""
+        got = self._pools.get(base)
+        if got is not None:
+            return got
         with self._lock:
-            idle = self._idle.setdefault(base, [])
-            if not self._closed and len(idle) < self.max_idle:
-                idle.append(conn)
-                return
-        conn.close()
-
-
-def _still_open(conn: Connection) -> bool:
-    """An idle keep-alive connection is usable if nothing is readable on it: readable
-    means the server closed it (EOF) or sent something unasked."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return not poller.poll(0)
-        return not select.select([sock], [], [], 0)[0]
-    except (OSError, ValueError):
-        return False
+            if base not in self._pools:
+                pool = urllib3.connection_from_url(
+                    base,
+                    maxsize=self.max_idle,
+                    block=False,
+                    retries=False,
+                    timeout=urllib3.Timeout(connect=self.connect_timeout, read=self.timeout),
+                )
+                prefix = urllib3.util.parse_url(base).path or ""
+                self._pools[base] = (pool, prefix.rstrip("/"))
+            return self._pools[base]
