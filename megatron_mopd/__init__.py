@@ -24,6 +24,20 @@ KNOWN_DEPENDENCY_WARNINGS: tuple[tuple[str, str, type[Warning], str], ...] = (
         "neither exists; on GPU the Transformer Engine extra (`.[gpu]`) is what to install, "
         "and its absence shows where it matters (model.transformer_impl)",
     ),
+    (
+        r"Apex is not installed\. Falling back to Torch Norm",
+        r"megatron\.core(\..*)?$",
+        UserWarning,
+        "megatron-core's local layer spec (models.backends, gpt_layer_specs) on a machine "
+        "without NVIDIA apex, which is optional (not on PyPI): torch's norm is exact",
+    ),
+    (
+        r"full scope is deprecated",
+        r"megatron\.core\.transformer\.transformer_config$",
+        UserWarning,
+        "megatron-core's own default `cuda_graph_scope='full'` (TransformerConfig), which our "
+        "model section does not expose: every TransformerConfig built here warns",
+    ),
 )
 
 
