@@ -115,6 +115,12 @@ class ConnectionPool:
     is noticed and replaced before use. Up to `max_idle` connections per server stay
     open; more may be in use at once (`block=False`).
 
+    CPU per 275 kB answer (about one 32 x 256-token scoring answer; loopback, this
+    machine, alternating runs): urllib3 0.46-0.60 ms, the hand-written HTTP/1.1
+    connection it replaced 0.29-0.42 ms, httpx 1.5-1.6 ms; per sequence the difference
+    to the former is ~0.005 ms, a few per cent of the client's whole cost (JSON
+    decoding, checks).
+
     Timeouts: `connect_timeout` for connecting and for sending the request (urllib3 sends
     under the connect timeout), `timeout` (or the call's) for each wait on the answer,
     i.e. how long the server may stay silent. TLS (`https://`) verifies with the default
