@@ -1,5 +1,5 @@
-"""The fast decoding of scoring answers (`fast_answers.fast_scored`) against the full
-decoding and entry-by-entry check (`sglang_answers.check_scored`): the same log-probs and
+"""The fast decoding of scoring answers (`sglang.fast_answers.fast_scored`) against the full
+decoding and entry-by-entry check (`sglang.answers.check_scored`): the same log-probs and
 top-k rows on SGLang's layout, and None (the slow path, which names the error) for every
 kind of malformed answer."""
 
