@@ -27,6 +27,7 @@ setup(
         "pyyaml==6.0.3",
         "tqdm==4.70.1",
         "httpx==0.28.1",
+        "urllib3==2.8.0",  # the SGLang client's HTTP (megatron_mopd/sglang/http_pool.py)
         "orjson==3.13.0",  # the SGLang client's JSON (stdlib json works, ~2.5x slower)
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",

@@ -282,7 +282,7 @@ class Run:
 
     def sync_weights(self, step: int) -> None:
         """Push the updated student to the rollout engine (collective)."""
-        from megatron_mopd.weight_sync import sync_weights
+        from megatron_mopd.rollout.weight_sync import sync_weights
 
         sync_weights(
             self.student.model_chunks,

@@ -39,8 +39,8 @@ def real_sglang(tmp_path_factory):
     `--api-key`. Yields {"a", "b", "w": LocalSGLang, "model_a": folder, "servers": all}."""
     from sglang_real import require_sglang
 
-    from megatron_mopd.tiny import make_tiny_hf_model
     from megatron_mopd.toy.sglang_servers import LocalSGLang
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     require_sglang()
     root = tmp_path_factory.mktemp("real_sglang")

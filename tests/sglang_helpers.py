@@ -149,7 +149,7 @@ class InProcessServer:
     """`SGLangCompatibleServer` on a free loopback port in this process."""
 
     def __init__(self, hf_dir: str, engine=None, **kw: Any):
-        from megatron_mopd.server import SGLangCompatibleServer
+        from megatron_mopd.server.app import SGLangCompatibleServer
 
         self.server = SGLangCompatibleServer(hf_dir, port=0, engine=engine, **kw)
         self.server.start(background_load=False)

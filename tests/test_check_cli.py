@@ -12,7 +12,7 @@ from megatron_mopd.commands.check import run_preflight
 from megatron_mopd.config import load_config
 from megatron_mopd.errors import UserError
 from megatron_mopd.teachers import preflight
-from megatron_mopd.tiny import make_char_tokenizer, make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_char_tokenizer, make_tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_teacher_with_other_tokenizer_fails(recipe, capsys):
 
 def test_run_preflight_online_reaches_servers(recipe):
     root, path = recipe
-    server_mod = pytest.importorskip("megatron_mopd.server")
+    server_mod = pytest.importorskip("megatron_mopd.server.app")
     server = server_mod.SGLangCompatibleServer(str(root / "teacher"), port=0)
     server.start(background_load=False)
     try:

@@ -56,7 +56,7 @@ def test_load_prompts_missing_file(tmp_path):
 
 
 def test_tokenize_prompts(tmp_path):
-    from megatron_mopd.tiny import make_char_tokenizer
+    from megatron_mopd.toy.tiny import make_char_tokenizer
 
     tok = make_char_tokenizer(str(tmp_path / "tok"))
     p = _write(tmp_path / "d.jsonl", [json.dumps({"prompt": "12+3=", "domain": "add"})])

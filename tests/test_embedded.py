@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.hf_engine import ScoreOutput
 from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine, request_seeds
+from megatron_mopd.rollout.hf_engine import ScoreOutput
 from megatron_mopd.teachers.embedded import EmbeddedTeacher
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 from megatron_mopd.types import SamplingParams, ScoreRequest
 
 

@@ -83,10 +83,10 @@ def stand_in_toy(root: Path) -> list[str]:
     """A toy with the demo's layout (tiny random char-tokenizer models instead of the
     fine-tuned ones, a few prompts per domain) and the overrides pointing the toy recipe at
     it: what `toy.build` would give, in a second instead of minutes."""
-    from megatron_mopd.tiny import make_tiny_hf_model
     from megatron_mopd.toy.build import ToyBuild
     from megatron_mopd.toy.demo import toy_overrides
     from megatron_mopd.toy.tasks import DEFAULT_SPECS, generate, write_jsonl
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     data = {
         split: write_jsonl(

@@ -1,5 +1,5 @@
-"""The fast decoding of scoring answers (`fast_answers.fast_scored`) against the full
-decoding and entry-by-entry check (`sglang_answers.check_scored`): the same log-probs and
+"""The fast decoding of scoring answers (`sglang.fast_answers.fast_scored`) against the full
+decoding and entry-by-entry check (`sglang.answers.check_scored`): the same log-probs and
 top-k rows on SGLang's layout, and None (the slow path, which names the error) for every
 kind of malformed answer."""
 
@@ -11,8 +11,8 @@ import random
 import orjson
 from sglang_helpers import scoring_item
 
-from megatron_mopd.fast_answers import fast_scored
-from megatron_mopd.sglang_answers import check_scored
+from megatron_mopd.sglang.answers import check_scored
+from megatron_mopd.sglang.fast_answers import fast_scored
 
 
 def scoring_answer(seqs, sent_start, top_k=0, **meta):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from megatron_mopd.hf_engine import HFEngine, _truncate
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.rollout.hf_engine import HFEngine, _truncate
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 from megatron_mopd.types import SamplingParams
 
 TOL = 1e-5

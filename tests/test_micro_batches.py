@@ -428,7 +428,7 @@ def test_mopd_train_with_the_features_on_matches_off(tmp_path, capsys, monkeypat
     reduction with small buckets log the loss and grad norm of the plain run."""
     from trainer_helpers import dataset_lines, make_recipe, metrics, train_in_process, write_recipe
 
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))

@@ -18,7 +18,7 @@ from megatron_mopd.teachers.preflight import (
     probe_strings,
     server_status,
 )
-from megatron_mopd.tiny import make_char_tokenizer
+from megatron_mopd.toy.tiny import make_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,22 @@ def test_server_path_matches_and_refuses(toks):
         bad.close()
 
 
+def test_proxy_variables_are_not_used(toks, monkeypatch):
+    """As the SGLang client: with HTTP(S)_PROXY pointing nowhere, the checks still go
+    straight to the server."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    good = StubServer(toks["same"])
+    try:
+        info = server_status(good.url, timeout=10)
+        how = check_server_tokenizer(toks["student"], good.url, "math", info, timeout=10)
+        assert "probes tokenized by the server match" in how
+    finally:
+        good.close()
+
+
 def test_server_down_or_unhealthy_names_the_url(toks):
     stub = StubServer(toks["same"], healthy=False)
     try:
@@ -180,8 +196,8 @@ def test_server_status_waits_for_a_starting_server(toks):
 
 def test_mopd_serve_answers_text_probes(tmp_path, toks):
     """The project's own server (`mopd serve`) speaks both paths of the contract."""
-    server_mod = pytest.importorskip("megatron_mopd.server")
-    from megatron_mopd.tiny import make_tiny_hf_model
+    server_mod = pytest.importorskip("megatron_mopd.server.app")
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     hf = make_tiny_hf_model("qwen3", str(tmp_path / "m"), seed=0)
     server = server_mod.SGLangCompatibleServer(hf, port=0)

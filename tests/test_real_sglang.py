@@ -27,7 +27,7 @@ from sglang_real import get, post
 from megatron_mopd.config import RolloutConfig, TeacherConfig
 from megatron_mopd.errors import ConfigError, TeacherError
 from megatron_mopd.rollout.sglang import SGLangRolloutEngine
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang.client import SGLangClient
 from megatron_mopd.teachers.sglang import SGLangTeacher
 from megatron_mopd.types import SamplingParams, ScoreRequest
 

@@ -21,7 +21,7 @@ from sglang_helpers import start_router
 from sglang_real import get, post
 from trainer_helpers import dataset_lines, make_recipe, metrics, train_in_process, write_recipe
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from sglang_real import post
 from megatron_mopd.config import RolloutConfig
 from megatron_mopd.rollout import sglang as sglang_rollout
 from megatron_mopd.rollout.sglang import SGLangRolloutEngine
-from megatron_mopd.sglang_client import SGLangClient
-from megatron_mopd.tiny import make_tiny_hf_model
-from megatron_mopd.weight_sync import buckets
+from megatron_mopd.rollout.weight_sync import buckets
+from megatron_mopd.sglang.client import SGLangClient
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "real_sync_cases.py")
 BUCKET_MB = 0.1

@@ -23,9 +23,9 @@ from sglang_helpers import (
 
 from megatron_mopd.config import RolloutConfig, TeacherConfig
 from megatron_mopd.rollout.sglang import SGLangRolloutEngine
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang.client import SGLangClient
 from megatron_mopd.teachers.sglang import SGLangTeacher
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 from megatron_mopd.types import SamplingParams, ScoreRequest
 
 TOL = 1e-5

@@ -154,7 +154,7 @@ def test_wrong_number_of_results_is_an_error():
 
 def test_build_teachers_embedded(tmp_path):
     from megatron_mopd.teachers.embedded import EmbeddedTeacher
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     hf = make_tiny_hf_model("qwen3", str(tmp_path / "t"), seed=0)
     cfg = load_config(None, [f"teachers.t.hf_path={hf}", "teachers.t.domains=[x]"])

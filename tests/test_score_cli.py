@@ -10,7 +10,7 @@ import pytest
 from sglang_helpers import REPO, FlakyProxy, InProcessServer, free_port, random_seqs
 from sglang_helpers import reference_logprobs as ref_lp
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 
 @pytest.fixture(scope="module")

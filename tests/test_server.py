@@ -18,7 +18,7 @@ from sglang_helpers import (
     start_serve_subprocess,
 )
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 TOL = 1e-5
 

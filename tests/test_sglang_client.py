@@ -24,9 +24,9 @@ from sglang_helpers import (
 from megatron_mopd.config import RolloutConfig, TeacherConfig
 from megatron_mopd.errors import TeacherError
 from megatron_mopd.rollout.sglang import SGLangRolloutEngine
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang.client import SGLangClient
 from megatron_mopd.teachers.sglang import SGLangTeacher
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 from megatron_mopd.types import SamplingParams, ScoreRequest
 
 TOL = 1e-5
@@ -352,7 +352,7 @@ def test_wait_healthy_waits_for_loading(model_dir):
 
     import httpx
 
-    from megatron_mopd.server import SGLangCompatibleServer
+    from megatron_mopd.server.app import SGLangCompatibleServer
 
     srv = SGLangCompatibleServer(model_dir, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()  # not loaded yet
@@ -386,7 +386,7 @@ def test_wait_healthy_waits_for_loading(model_dir):
 def test_bulk_check_names_the_first_bad_token(bad, needle):
     """The bulk (C-level) check of a long answer rejects every kind of bad entry, and the
     error names the sequence and the *first* bad token, wherever it is."""
-    from megatron_mopd.sglang_answers import check_scored
+    from megatron_mopd.sglang.answers import check_scored
 
     ids = [4 + (7 * i) % 120 for i in range(300)]
     good = scoring_item(ids, 9)
@@ -425,7 +425,7 @@ def test_a_server_off_the_fast_path_is_named_once(server, seqs, clean, proxy_fac
         return body
 
     proxy = proxy_factory(lambda n, m, p: ("mutate", with_texts))
-    with caplog.at_level("WARNING", logger="megatron_mopd.sglang_answers"):
+    with caplog.at_level("WARNING", logger="megatron_mopd.sglang.answers"):
         with fast_client([proxy.url], max_in_flight=1) as c:
             out = c.score(seqs, batch_size=3)  # 4 answers
     assert [o.logprobs for o in out] == [o.logprobs for o in clean]
@@ -436,7 +436,7 @@ def test_a_server_off_the_fast_path_is_named_once(server, seqs, clean, proxy_fac
 def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
     """Answers of `mopd serve` (orjson, like SGLang) are decoded by the fast path, with and
     without top-k, and give exactly what the full decoding gives."""
-    from megatron_mopd import sglang_answers
+    from megatron_mopd.sglang import answers as sglang_answers
 
     taken = []
     real = sglang_answers.fast_scored

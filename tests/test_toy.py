@@ -2,7 +2,6 @@
 
 import torch
 
-from megatron_mopd.tiny import make_char_tokenizer
 from megatron_mopd.toy.sft import ModelShape, new_model, sft_batch, sft_loss
 from megatron_mopd.toy.tasks import (
     DEFAULT_SPECS,
@@ -13,6 +12,7 @@ from megatron_mopd.toy.tasks import (
     split_of,
     write_jsonl,
 )
+from megatron_mopd.toy.tiny import make_char_tokenizer
 
 
 def test_generation_is_deterministic_and_correct():

@@ -71,7 +71,7 @@ from trainer_helpers import (
     write_recipe,
 )
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 # --------------------------------------------------------------------------------------
 # fixtures and helpers

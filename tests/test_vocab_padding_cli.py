@@ -47,7 +47,7 @@ def _launch(root: str, name: str, nproc: int, steps: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     root = str(tmp_path_factory.mktemp("vocab211"))
     for arch in ("qwen3_moe", "qwen2"):

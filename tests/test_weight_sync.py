@@ -7,14 +7,14 @@ import os
 import pytest
 from multirank import start_workers
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "weight_sync_cases.py")
 
 
 @pytest.mark.multirank
 def test_sync_weights_embedded_and_disk(tmp_path):
-    from megatron_mopd.server import SGLangCompatibleServer
+    from megatron_mopd.server.app import SGLangCompatibleServer
 
     hf = make_tiny_hf_model("qwen3_moe", str(tmp_path / "student"), seed=0)
     server = SGLangCompatibleServer(hf, port=0)

@@ -3,7 +3,7 @@ the weight bridge (`test_hf_parity.py`, `test_convert_roundtrip.py`).
 
 Qwen2 is built with tied embeddings (as Qwen2.5-0.5B) so the tied output layer is covered;
 the others are untied. Qwen3-MoE has 4 experts, top-2, `norm_topk_prob=True`; Qwen2-MoE
-(not in `megatron_mopd.tiny`, built here) adds QKV bias, a sigmoid-gated shared expert and
+(not in `megatron_mopd.toy.tiny`, built here) adds QKV bias, a sigmoid-gated shared expert and
 `norm_topk_prob=False`.
 """
 
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from megatron_mopd.tiny import make_tiny_hf_model
+from megatron_mopd.toy.tiny import make_tiny_hf_model
 
 ARCH_OVERRIDES: dict[str, dict] = {
     "qwen3_moe": {},
@@ -50,7 +50,7 @@ def make_tiny_qwen2_moe(out_dir: str, seed: int = 0) -> str:
     """A tiny random Qwen2-MoE (shared expert with a gate) saved with a char tokenizer."""
     import transformers
 
-    from megatron_mopd.tiny import make_char_tokenizer
+    from megatron_mopd.toy.tiny import make_char_tokenizer
 
     config = transformers.Qwen2MoeConfig(
         vocab_size=128,

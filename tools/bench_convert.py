@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     work = args.keep or tempfile.mkdtemp(prefix="bench-convert-")
     hf, mcore, back = (os.path.join(work, n) for n in ("hf", "mcore", "hf_back"))

@@ -37,7 +37,7 @@ def build_model(folder: str, vocab: int, tokens: int) -> str:
     """The benchmark model (see the module docstring), written once."""
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     return make_tiny_hf_model(
         "qwen2",
@@ -88,7 +88,16 @@ def _student(args: argparse.Namespace):
 
     torch.manual_seed(0)
     parallel = ParallelConfig()
-    cfg = ModelConfig(hf_path=args.model, logits_chunk_tokens=args.chunk)
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},  # core_attn: the [heads, T, T]
+        "full": {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
+    }[args.recompute]
+    cfg = ModelConfig(hf_path=args.model, logits_chunk_tokens=args.chunk, **recompute)
     init_distributed(parallel, cfg, seed=0)
     chunks, cfg = build_student(cfg, parallel)
     return chunks, cfg, parallel
@@ -146,7 +155,7 @@ CHILDREN = {"baseline": child_baseline, "logprobs": child_logprobs, "train": chi
 def run_child(args: argparse.Namespace, kind: str, chunk: int, estimator: str = "sampled") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--chunk", str(chunk)]
     cmd += ["--work", args.work, "--tokens", str(args.tokens), "--vocab", str(args.vocab)]
-    cmd += ["--estimator", estimator]
+    cmd += ["--estimator", estimator, "--recompute", args.recompute]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=REPO)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
@@ -163,6 +172,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="model.logits_chunk_tokens")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "bench_logits_memory"))
     parser.add_argument("--skip-whole", action="store_true", help="only the chunked train steps")
+    parser.add_argument(
+        "--recompute",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="model.recompute_*: selective (core_attn) or full (uniform, 1 layer) in the train step",
+    )
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--estimator", default="sampled", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,7 +205,8 @@ def main() -> None:
     )
     print(
         f"model: {size / 1e6:.1f} MB of fp32 weights (vocabulary {args.vocab}, tied), "
-        f"one sequence of {args.tokens} tokens, chunk = {args.chunk} tokens"
+        f"one sequence of {args.tokens} tokens, chunk = {args.chunk} tokens, "
+        f"recompute {args.recompute}"
     )
     base = run_child(args, "baseline", args.chunk)
     if args.skip_whole:  # only the chunked cases (e.g. to try another --chunk)

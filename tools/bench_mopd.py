@@ -24,7 +24,7 @@ STAGES = ("rollout", "teacher", "reward", "train", "weight_sync")
 
 def tiny_setup(root: str) -> str:
     """Tiny student and teachers plus a two-domain dataset; returns a recipe path."""
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     make_tiny_hf_model("qwen3_moe", f"{root}/student", seed=0)
     make_tiny_hf_model("qwen3_moe", f"{root}/teacher_a", seed=1)

@@ -23,8 +23,12 @@ request, which weighs less as the model grows). On 2 cores the default model (a 
 of 3 layers, hidden 64, 0.13 M parameters) at 64 sequences per request is the smallest
 of those measured where both goals held in almost every run (>= 4x, < 2%); at 2 layers the
 speed-up is higher and the client's ~0.065 ms per sequence is ~2.5% of the servers'
-(README, Performance, has the sweep). The last line prints the server cost per
-sequence at which this client's overhead is 2%.
+(README, Performance, has the sweep). The second-to-last line prints the server cost
+per sequence at which this client's overhead is 2%; the last one states the overhead as
+a share of a modelled real teacher's GPU time per sequence (by default Qwen3-30B-A3B,
+3.3 B active parameters, 48 layers, query width 4,096, on one H200 at 989 TFLOP/s dense
+bf16 and 40% MFU; the `--teacher-*` flags change it), which is what the client's cost
+weighs against in a real run, rather than the tiny served model's.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def run_mode(client, seqs, batch_size, pids, top_k=0) -> tuple[float, float, flo
 def start_servers(args: argparse.Namespace, hf: str, work: str, procs: list) -> tuple:
     """Two `mopd serve` processes and sglang-router in front of them (appended to
     `procs`); returns (server URLs, router URL or None when it did not start, server pids)."""
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     py, urls = sys.executable, []
     for i in range(2):
@@ -148,7 +152,7 @@ def start_servers(args: argparse.Namespace, hf: str, work: str, procs: list) -> 
 def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
     """Score in every mode; rows of (mode, sequences, wall s, client CPU s, servers' CPU s).
     Exits if the modes' results differ."""
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     rows = []
     sub = seqs[: args.sequential_n]
@@ -172,8 +176,25 @@ def measure_modes(args, seqs, urls, router_url, pids) -> list[tuple]:
     return rows
 
 
-def report(rows: list[tuple]) -> None:
-    """Print the table, the sequential latency and the goals."""
+def teacher_prefill_ms(args: argparse.Namespace) -> tuple[float, str]:
+    """A real teacher's GPU time per `args.length`-token sequence, modelled: prefill FLOPs
+    (2 per active parameter per token, plus causal attention's QK^T and AV, 2 x layers x
+    L^2 x query width) over the GPU's dense peak at an MFU. Returns (ms, the formula with
+    its numbers)."""
+    n, L = args.teacher_active_params, args.length
+    flops = 2 * n * L + 2 * args.teacher_layers * L * L * args.teacher_q_dim
+    ms = 1000 * flops / (args.teacher_peak_flops * args.teacher_mfu)
+    text = (
+        f"(2 x {n:.3g} active params x {L} tokens + 2 x {args.teacher_layers} layers x "
+        f"{L}^2 x {args.teacher_q_dim}) = {flops:.3g} FLOPs / ({args.teacher_peak_flops:.3g} "
+        f"FLOP/s x MFU {args.teacher_mfu:g}) = {ms:.2f} ms"
+    )
+    return ms, text
+
+
+def report(rows: list[tuple], args: argparse.Namespace) -> None:
+    """Print the table, the sequential latency, the goals and the client's overhead
+    against a modelled real teacher."""
     seq_rate = rows[0][1] / rows[0][2]
     print(f"{'mode':58s} {'seq/s':>8s} {'speed-up':>9s} {'client ms/seq':>14s} "
           f"{'server ms/seq':>14s} {'client/server':>14s}")  # fmt: skip
@@ -207,13 +228,20 @@ def report(rows: list[tuple]) -> None:
         f"the client's overhead (at most {1000 * cpu:.3f} ms CPU per sequence batched) is "
         f"under 2% of any server that spends at least {50 * 1000 * cpu:.2f} ms per sequence"
     )
+    ms, formula = teacher_prefill_ms(args)
+    print(
+        f"against a modelled real teacher ({args.teacher_name}): prefill of one "
+        f"{args.length}-token sequence = {formula} of GPU time; the client's "
+        f"{1000 * cpu:.3f} ms of CPU per sequence is {100 * 1000 * cpu / ms:.2f}% of it "
+        f"(one client core keeps up with {ms / (1000 * cpu):.0f} such GPUs)"
+    )
 
 
 def bench(args: argparse.Namespace) -> None:
     """Start the servers and the router, run every mode, print the figures."""
     import torch
 
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     work = tempfile.mkdtemp(prefix="mopd_bench_")
     hf = args.hf or make_tiny_hf_model(
@@ -234,7 +262,7 @@ def bench(args: argparse.Namespace) -> None:
             f"({_count_params(hf) / 1e6:.2f} M parameters), 2 servers x 1 thread, "
             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
         )
-        report(measure_modes(args, seqs, urls, router_url, pids))
+        report(measure_modes(args, seqs, urls, router_url, pids), args)
     finally:
         for p in procs:
             p.terminate()
@@ -260,6 +288,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=0, help="also score the top-k per token")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--lifetime", type=int, default=1800, help="servers stop after this (s)")
+    t = ap.add_argument_group("the modelled real teacher (default: Qwen3-30B-A3B on one H200)")
+    t.add_argument("--teacher-name", default="Qwen3-30B-A3B, bf16, one H200")
+    t.add_argument("--teacher-active-params", type=float, default=3.3e9)
+    t.add_argument("--teacher-layers", type=int, default=48)
+    t.add_argument("--teacher-q-dim", type=int, default=4096, help="query heads x head dim")
+    t.add_argument("--teacher-peak-flops", type=float, default=989e12, help="dense bf16 peak")
+    t.add_argument("--teacher-mfu", type=float, default=0.4, help="model FLOPs utilisation")
     bench(ap.parse_args())
 
 

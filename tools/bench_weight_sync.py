@@ -62,7 +62,7 @@ class PeakRSS:
 
 
 def build_model(root: str, args: argparse.Namespace) -> str:
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     return make_tiny_hf_model(
         "qwen3_moe",
@@ -107,7 +107,7 @@ def expected_logprobs_diff(url: str, model: str, shift: float, root: str) -> flo
     from safetensors.torch import load_file, save_file
     from sglang_helpers import random_seqs, reference_logprobs
 
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     ref = os.path.join(root, "expected")
     shutil.rmtree(ref, ignore_errors=True)
@@ -127,9 +127,9 @@ def measure(args: argparse.Namespace, root: str, model: str, url: str) -> dict:
     from megatron_mopd import distributed
     from megatron_mopd.config import load_config
     from megatron_mopd.rollout.factory import build_rollout_engine
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.rollout.weight_sync import sync_weights
+    from megatron_mopd.sglang.client import SGLangClient
     from megatron_mopd.student.load import build_student
-    from megatron_mopd.weight_sync import sync_weights
 
     base = [f"model.hf_path={model}", f"run_dir={os.path.join(root, 'run')}"]
     cfg = load_config(None, base)

@@ -107,7 +107,7 @@ def check_logprobs(args, device, parallel, work: str) -> None:
     from megatron_mopd.distributed import destroy, init_distributed
     from megatron_mopd.student.load import build_student
     from megatron_mopd.student.logprobs import forward_logprobs
-    from megatron_mopd.tiny import make_tiny_hf_model
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     sizes = parity_sizes(args.tiny)
     vocab = sizes.pop("vocab_size")

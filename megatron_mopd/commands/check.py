@@ -284,7 +284,7 @@ def _check_teacher_server(
     url: str, name: str, tcfg: Any, student_tok: Any, wait: float
 ) -> str | tuple[Status, str]:
     """`_check_server` for a teacher; a failure also names the domains it scores."""
-    from megatron_mopd.sglang_client import api_key_from_env
+    from megatron_mopd.sglang.client import api_key_from_env
 
     try:
         key = api_key_from_env(tcfg.api_key_env, f"teachers.{name}.api_key_env")
@@ -295,7 +295,7 @@ def _check_teacher_server(
 
 
 def _rollout_api_key(cfg: Any) -> str | None:
-    from megatron_mopd.sglang_client import api_key_from_env
+    from megatron_mopd.sglang.client import api_key_from_env
 
     return api_key_from_env(cfg.rollout.api_key_env, "rollout.api_key_env")
 

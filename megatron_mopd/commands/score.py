@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megatron_mopd.errors import UserError
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.sglang.client import SGLangClient
 
     if args.top_k < 0 or args.batch_size < 1 or args.max_in_flight < 1:
         raise UserError("--top-k must be >= 0, --batch-size and --max-in-flight >= 1")

@@ -1,6 +1,6 @@
 """`mopd serve --hf HF_DIR --port P`: a Hugging Face model on CPU behind SGLang's HTTP API.
 
-Serves the subset of SGLang's API this project uses (see `megatron_mopd/server.py`), so
+Serves the subset of SGLang's API this project uses (see `megatron_mopd/server/app.py`), so
 the SGLang teacher and rollout backends, `mopd score` and `sglang-router` can be run
 against it on machines where SGLang cannot. Stops cleanly on SIGTERM / SIGINT.
 """
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from megatron_mopd.errors import UserError
-    from megatron_mopd.server import SGLangCompatibleServer
+    from megatron_mopd.server.app import SGLangCompatibleServer
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s mopd serve: %(message)s", stream=sys.stderr

@@ -33,7 +33,7 @@ from megatron_mopd.types import Rollout, SamplingParams
 if TYPE_CHECKING:
     import torch
 
-    from megatron_mopd.hf_engine import HFEngine
+    from megatron_mopd.rollout.hf_engine import HFEngine
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -59,7 +59,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
         """Load the student from an HF folder (unless `engine` is given). `seed` seeds the
         draws of calls whose `SamplingParams.seed` is None."""
         if engine is None:
-            from megatron_mopd.hf_engine import HFEngine
+            from megatron_mopd.rollout.hf_engine import HFEngine
 
             try:
                 engine = HFEngine(

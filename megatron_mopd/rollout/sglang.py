@@ -65,7 +65,7 @@ from megatron_mopd.rollout.sglang_transfer import (
     succeeded,
     trainer_process_group,
 )
-from megatron_mopd.sglang_client import SGLangClient, api_key_from_env
+from megatron_mopd.sglang.client import SGLangClient, api_key_from_env
 from megatron_mopd.types import Rollout, SamplingParams
 
 

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.sglang_client import SGLangClient
+from megatron_mopd.sglang.client import SGLangClient
 
 NamedTensors = list[tuple[str, Any]]
 

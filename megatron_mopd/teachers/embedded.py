@@ -20,7 +20,7 @@ from megatron_mopd.types import ScoreRequest, ScoreResult
 
 if TYPE_CHECKING:
     from megatron_mopd.config import TeacherConfig
-    from megatron_mopd.hf_engine import HFEngine
+    from megatron_mopd.rollout.hf_engine import HFEngine
 
 
 class EmbeddedTeacher(Teacher):
@@ -41,7 +41,7 @@ class EmbeddedTeacher(Teacher):
         self.batch_size = batch_size
         self.where = f"teacher {name!r} (hf_path={hf_path})"
         if engine is None:
-            from megatron_mopd.hf_engine import HFEngine
+            from megatron_mopd.rollout.hf_engine import HFEngine
 
             try:
                 engine = HFEngine(hf_path, dtype=dtype)

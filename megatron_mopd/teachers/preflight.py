@@ -199,7 +199,8 @@ def server_status(
     url: str, timeout: float = 60.0, wait_seconds: float = 0.0, api_key: str | None = None
 ) -> dict[str, Any]:
     """`GET /health_generate` (must answer 200) then `GET /model_info` (`/get_model_info`
-    when that is missing, as behind sglang-router); returns the latter.
+    when that is missing, as behind sglang-router); returns the latter. Like the SGLang
+    client, this goes straight to the URL: `HTTP(S)_PROXY` is not used (`trust_env=False`).
 
     With `wait_seconds > 0`, a server that is down or starting (503) is polled until it
     is healthy or the time is up. Raises `TeacherError` naming the URL when the server is
@@ -214,7 +215,12 @@ def server_status(
     said = False
     while True:
         try:
-            r = httpx.get(f"{base}/health_generate", timeout=http_timeout, headers=_auth(api_key))
+            r = httpx.get(
+                f"{base}/health_generate",
+                timeout=http_timeout,
+                headers=_auth(api_key),
+                trust_env=False,
+            )
             if r.status_code == 200:
                 break
             hint = " (the server is starting or unhealthy)" if r.status_code == 503 else ""
@@ -233,10 +239,14 @@ def server_status(
             said = True
         time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     try:
-        r = httpx.get(f"{base}/model_info", timeout=timeout, headers=_auth(api_key))
+        r = httpx.get(
+            f"{base}/model_info", timeout=timeout, headers=_auth(api_key), trust_env=False
+        )
         if r.status_code == 404:
             # sglang-router (0.3.2) forwards only the deprecated name of this endpoint
-            r = httpx.get(f"{base}/get_model_info", timeout=timeout, headers=_auth(api_key))
+            r = httpx.get(
+                f"{base}/get_model_info", timeout=timeout, headers=_auth(api_key), trust_env=False
+            )
         r.raise_for_status()
         info = r.json()
     except (httpx.HTTPError, ValueError) as e:
@@ -256,7 +266,7 @@ def server_probe_ids(
 
     base = url.rstrip("/")
     sides = []
-    with httpx.Client(timeout=timeout, headers=_auth(api_key)) as http:
+    with httpx.Client(timeout=timeout, headers=_auth(api_key), trust_env=False) as http:
         for k, text in enumerate(probes):
             body = {
                 "text": text,

@@ -7,7 +7,7 @@
 Each sequence is scored in one prefill (`max_new_tokens: 0`) with
 `logprob_start_len = response_start - 1`, so only the response's log-probs travel back
 (SGLang's `input_token_logprobs[0]` is always null, whatever `logprob_start_len`;
-the client is `megatron_mopd/sglang_client.py`). At construction the
+the client is `megatron_mopd/sglang/client.py`). At construction the
 teacher waits for `GET /health_generate` on every URL (up to
 `startup_timeout_seconds`). Every failure (down after `max_retries`, timeout,
 malformed answer) is a `TeacherError` naming the teacher, its domains and the URL, so
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from megatron_mopd.config import TeacherConfig
 from megatron_mopd.errors import TeacherError
-from megatron_mopd.sglang_client import SGLangClient, api_key_from_env
+from megatron_mopd.sglang.client import SGLangClient, api_key_from_env
 from megatron_mopd.teachers.base import Teacher
 from megatron_mopd.teachers.validate import check_score_requests, check_score_results
 from megatron_mopd.types import ScoreRequest, ScoreResult

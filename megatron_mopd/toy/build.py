@@ -110,8 +110,8 @@ def build_toy(
     """Tokenizer -> datasets -> weak student (cached) -> one teacher per domain (cached)."""
     import torch
 
-    from megatron_mopd.tiny import make_char_tokenizer
     from megatron_mopd.toy.sft import train_sft
+    from megatron_mopd.toy.tiny import make_char_tokenizer
 
     cfg = cfg or ToyConfig()
     t0 = time.time()

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_mopd.tiny import tiny_hf_config
 from megatron_mopd.toy.tasks import Example, accuracy, response_text, with_mistakes
+from megatron_mopd.toy.tiny import tiny_hf_config
 
 SETTINGS_FILE = "mopd_toy_sft.json"
 

@@ -3,7 +3,7 @@
     add      "12+345="    -> "357"
     reverse  "rev:abcde=" -> "edcba"
 
-A prompt is plain text that the character tokenizer of `megatron_mopd.tiny` encodes one
+A prompt is plain text that the character tokenizer of `megatron_mopd.toy.tiny` encodes one
 id per character (no BOS is added: `tokenizer.encode(prompt, add_special_tokens=False)`).
 The response the models learn is the answer's characters followed by EOS, so rollouts are
 a few tokens long (at most 5 for `add` with 3-digit operands, 6 for `reverse` of 5 letters).

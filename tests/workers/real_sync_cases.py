@@ -56,9 +56,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from megatron_mopd.rollout.factory import build_rollout_engine
-    from megatron_mopd.sglang_client import SGLangClient
+    from megatron_mopd.rollout.weight_sync import sync_weights
+    from megatron_mopd.sglang.client import SGLangClient
     from megatron_mopd.student.load import build_student
-    from megatron_mopd.weight_sync import sync_weights
 
     base = [f"model.hf_path={args.hf}", "parallel.tp=2", f"run_dir={args.run_dir}"]
     cfg = load_config(None, base)

@@ -46,8 +46,8 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
+    from megatron_mopd.rollout.weight_sync import sync_weights
     from megatron_mopd.student.load import build_student
-    from megatron_mopd.weight_sync import sync_weights
 
     base = [f"model.hf_path={args.hf}", "parallel.tp=2", f"run_dir={args.run_dir}"]
     cfg = load_config(None, base)

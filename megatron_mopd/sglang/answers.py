@@ -2,7 +2,7 @@
 `ScoredSequence`s / `Generation`s, or a `TeacherError` naming the server, the request and
 the first bad entry.
 
-Split from `sglang_client.py` (the protocol: requests, batching, retries), which calls
+Split from `client.py` (the protocol: requests, batching, retries), which calls
 these on every answer. A scoring answer in SGLang's compact layout (orjson) is checked on
 a flat decoding of its log-prob and top-k arrays (`fast_answers.fast_scored`); anything
 else gets the full decoding and the entry-by-entry check (`check_scored`).
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_mopd.errors import RetryableAnswer, TeacherError
-from megatron_mopd.fast_answers import MAX_LOGPROB, fast_scored, ids_match
-from megatron_mopd.http_pool import Answer, decode_answer
+from megatron_mopd.sglang.fast_answers import MAX_LOGPROB, fast_scored, ids_match
+from megatron_mopd.sglang.http_pool import Answer, decode_answer
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An in-process CPU inference engine over a Hugging Face causal LM.
 
-It backs `mopd serve` (the SGLang-compatible server, `server.py`) and the embedded
+It backs `mopd serve` (the SGLang-compatible server, `server/app.py`) and the embedded
 teacher and rollout backends (`teachers/embedded.py`, `rollout/embedded.py`).
 
     engine = HFEngine("/path/to/hf_dir")                     # config + safetensors (+ tokenizer)
@@ -19,7 +19,7 @@ API (stable; the server and the embedded backends rely on it):
   a plain `log_softmax` of the logits (temperature 1), with `None` where nothing precedes
   the token (position 0). This is the project's one log-prob convention, laid out the way
   SGLang's `input_token_logprobs` is when `logprob_start_len = s` *except* that SGLang
-  also nulls its first entry when s > 0 (see `server.py`, which applies that rule).
+  also nulls its first entry when s > 0 (see `server/app.py`, which applies that rule).
   With `top_k > 0`, `top_ids[j]` / `top_logprobs[j]` are the k most likely tokens of the
   distribution that predicts position s + j (None at position 0). Sequences are
   right-padded and run in batches of at most `max_batch_tokens` padded tokens; with a

@@ -44,7 +44,7 @@ them at the sampling temperature: the same at temperature 1, which MOPD samples 
 Features the project does not use (streaming, `token_ids_logprob`, penalties, `min_p`,
 grammars, `n > 1`, LoRA, images) get a 400 naming the field rather than being silently
 ignored. Errors: 400 `{"error": {"message": ...}}`. Parsing and answer building live in
-`server_protocol.py`; this module holds the HTTP server and the batcher.
+`protocol.py`; this module holds the HTTP server and the batcher.
 
 Batching: handler threads put parsed requests on a queue; one worker thread takes what
 is there, waits up to `batch_wait_ms` only while more admitted requests are on their
@@ -71,12 +71,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from megatron_mopd.http_pool import dumps_json, loads_json
-from megatron_mopd.server_protocol import BadRequest, Item, parse_generate, run_batch
-from megatron_mopd.sglang_client import gc_paused
+from megatron_mopd.server.protocol import BadRequest, Item, parse_generate, run_batch
+from megatron_mopd.sglang.client import gc_paused
+from megatron_mopd.sglang.http_pool import dumps_json, loads_json
 from megatron_mopd.types import SamplingParams
 
-log = logging.getLogger("megatron_mopd.server")
+log = logging.getLogger("megatron_mopd.server.app")
 
 
 @dataclass
@@ -303,7 +303,7 @@ class SGLangCompatibleServer:
         """Load the engine (unless one was given) and start the batcher."""
         try:
             if self.engine is None:
-                from megatron_mopd.hf_engine import HFEngine
+                from megatron_mopd.rollout.hf_engine import HFEngine
 
                 self.engine = HFEngine(self.hf_dir, **self._engine_kwargs)
             self.batcher = Batcher(self.engine, self.batch_wait_ms, self.max_batch_tokens)

@@ -26,7 +26,7 @@ starts with a `null` entry for token `s - 1`, entry `j >= 1` is the log-prob of 
   instant. One sglang-router URL works the same way (it spreads the load itself).
 - At most `max_in_flight` requests are in flight (a thread pool; HTTP waits release
   the GIL), so scoring is batched *and* concurrent.
-- Connections are kept alive and reused (`http_wire`, a small pool per URL).
+- Connections are kept alive and reused (urllib3's pools, one per URL: `http_pool`).
   Each request has a `timeout` (seconds the server may stay silent while the request is
   sent or the answer awaited and read; connecting has its own shorter one). Connection
   errors, dropped connections, timeouts, 5xx, 408 and 429 answers (sglang-router's full
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import http.client
 import itertools
 import random
 import threading
@@ -61,12 +60,20 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from megatron_mopd.errors import ConfigError, RetryableAnswer, TeacherError
-from megatron_mopd.http_pool import Answer, ConnectionPool, decode_answer, dumps_json, error_text
-from megatron_mopd.sglang_answers import (
+from megatron_mopd.sglang.answers import (
     Generation,
     ScoredSequence,
     check_generation,
     check_scoring_answer,
+)
+from megatron_mopd.sglang.http_pool import (
+    TRANSPORT_ERRORS,
+    Answer,
+    ConnectionPool,
+    decode_answer,
+    dumps_json,
+    error_text,
+    is_timeout,
 )
 
 _gc_lock = threading.Lock()
@@ -294,10 +301,12 @@ class SGLangClient:
             resp = None
             try:
                 resp = self._http.send(method, target, path, content)
-            except TimeoutError:
-                last, down = f"timed out after {self.timeout:g} s", True
-            except (OSError, http.client.HTTPException) as e:
-                last, down = f"connection error ({type(e).__name__}: {e})", True
+            except TRANSPORT_ERRORS as e:
+                down = True
+                if is_timeout(e):
+                    last = f"timed out after {self.timeout:g} s"
+                else:
+                    last = f"connection error ({type(e).__name__}: {e})"
             finally:
                 if url is None:
                     self._servers.release(target)
@@ -347,7 +356,7 @@ class SGLangClient:
             try:
                 resp = self._http.send("GET", target, "/health", None, timeout=self._probe_timeout)
                 healthy = resp.status == 200
-            except (OSError, http.client.HTTPException):
+            except TRANSPORT_ERRORS:
                 healthy = False
             if healthy:
                 self._servers.probed(target)
@@ -380,7 +389,7 @@ class SGLangClient:
                     if resp.status == 200:
                         break
                     last = f"HTTP {resp.status}"
-                except (OSError, http.client.HTTPException) as e:
+                except TRANSPORT_ERRORS as e:
                     last = f"{type(e).__name__}: {e}"
                 if time.monotonic() + interval > deadline:
                     raise TeacherError(

@@ -13,7 +13,7 @@ SGLang reports input ids >= vocab_size - 1 as 0 (`ids_match`): a reported 0 for 
 id sent is accepted, in this path and the full one.
 
 Anything unexpected (another layout, a bad value, NaN literals, ragged top-k rows)
-returns None: the caller (`sglang_answers.check_scoring_answer`) then decodes the whole
+returns None: the caller (`answers.check_scoring_answer`) then decodes the whole
 answer and checks it entry by entry, naming what is wrong. Entry boundaries inside a row
 are not checked one by one: entries that are not triples but whose flattened values, ids
 and nulls all fall in place would pass, each value still paired with its own id.
@@ -29,7 +29,7 @@ import itertools
 import math
 from operator import methodcaller
 
-from megatron_mopd.http_pool import loads_json
+from megatron_mopd.sglang.http_pool import loads_json
 
 MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 

@@ -1,9 +1,9 @@
-"""What SGLang's `/generate` means, for the server of `server.py`: parsing a request into
+"""What SGLang's `/generate` means, for our server (`server/app.py`): parsing a request into
 items, running items on an `HFEngine`, and building SGLang-shaped answers.
 
 Field names, defaults and answer shapes follow sglang 0.5.23 (its source:
 `srt/managers/io_struct.py`, `srt/sampling/sampling_params.py`,
-`srt/managers/scheduler_components/logprob_result_processor.py`). See `server.py`'s
+`srt/managers/scheduler_components/logprob_result_processor.py`). See `server/app.py`'s
 docstring for the list of supported fields.
 """
 
@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_mopd.sglang_client import gc_paused
+from megatron_mopd.sglang.client import gc_paused
 from megatron_mopd.types import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default (srt/sampling/sampling_params.py)
