@@ -398,8 +398,10 @@ def moe_gates(model) -> list[tuple[torch.nn.Module, int]]:
     for module in model.modules():
         gate = getattr(module, "gate", None)
         top_k = getattr(module, "top_k", None)
-        if isinstance(gate, torch.nn.Linear) and isinstance(top_k, int) and hasattr(
-            module, "experts"
+        if (
+            isinstance(gate, torch.nn.Linear)
+            and isinstance(top_k, int)
+            and hasattr(module, "experts")
         ):
             out.append((gate, top_k))
     return out
@@ -441,7 +443,9 @@ class routed_experts_hooks:  # noqa: N801 (a context manager used like a functio
         for layer, (gate, top_k) in enumerate(self.gates):
 
             def hook(_mod, _inp, logits, layer=layer, top_k=top_k):
-                probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float)
+                probs = torch.softmax(
+                    logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float
+                )
                 self.record.add(layer, probs.topk(top_k, dim=-1).indices.to(torch.int32))
 
             self.handles.append(gate.register_forward_hook(hook))

@@ -164,6 +164,7 @@ def train_step(
     *,
     scheduler: Any = None,
     logprobs_fn: LogprobsFn | None = None,
+    before_forward: Callable[[MicroBatch], None] | None = None,
 ) -> dict[str, Any]:
     """Forward and backward over `micro_batches`, then one optimizer step.
 
@@ -173,6 +174,8 @@ def train_step(
     the same ones. `logprobs_fn(logits_shard, micro_batch, tp_group)` replaces the default
     (the sampled tokens' vocabulary-parallel log-probs) when the loss needs more, e.g. the
     log-probs of a teacher's top-k ids (`student.mopd_step.topk_logprobs`).
+    `before_forward(micro_batch)` runs just before each micro-batch's forward (routing
+    replay sets the routers' targets there, `student.routing_replay`).
     """
     inner = unwrap_model(model_chunks[0])
     pgs = inner.pg_collection
@@ -196,7 +199,13 @@ def train_step(
 
         return loss_func
 
-    stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
+    stored = run_schedule(
+        model_chunks,
+        micro_batches,
+        loss_func_for,
+        forward_only=False,
+        before_forward=before_forward,
+    )
 
     if _grads_nonfinite(model_chunks):
         optimizer.zero_grad()

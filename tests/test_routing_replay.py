@@ -1,0 +1,131 @@
+"""MoE routing replay (R3): engines return routed experts, Megatron replays them.
+
+Fast: the embedded engine's routed experts (KV-cache decoding, one token per step) are
+those of a full forward of prompt + response[:-1] (fp32 and bf16); `build_train_batch`
+lays them out per position with -1 where no token was fed.
+
+Slow (torchrun): a tiny MoE student with 16 experts, top-2, loaded from the HF folder the
+bf16 engine sampled with. One MOPD step without replay routes some token-layer pairs
+differently from the engine (`routing_mismatch_frac` > 0, printed); with replay every pair
+matches (0, read from the routers' own output in the Megatron forward), and |r - 1| and
+IcePop's discard fraction drop; the replayed step at EP2 matches the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from megatron_mopd.batch import build_train_batch  # noqa: E402
+from megatron_mopd.hf_engine import HFEngine, routed_experts_hooks  # noqa: E402
+from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine  # noqa: E402
+from megatron_mopd.tiny import make_tiny_hf_model  # noqa: E402
+from megatron_mopd.types import SamplingParams, ScoreResult  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "replay_cases.py")
+PROMPTS = [[1, 5, 9, 7], [1, 8], [1, 3, 4, 5, 6, 7], [1, 20, 21]]
+
+
+@pytest.fixture(scope="module")
+def moe16(tmp_path_factory):
+    return make_tiny_hf_model(
+        "qwen3_moe", str(tmp_path_factory.mktemp("moe16")), seed=0, num_experts=16
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedded_routed_experts_are_the_full_forward_routing(moe16, dtype):
+    engine = HFEngine(moe16, dtype=dtype, seed=0)
+    outs = engine.generate(
+        PROMPTS, SamplingParams(max_new_tokens=7, seed=3), return_routed_experts=True
+    )
+    differ = total = 0
+    for p, o in zip(PROMPTS, outs):
+        seq = p + o.output_ids[:-1]
+        assert o.routed_experts.shape == (len(seq), 2, 2)
+        assert o.routed_experts.dtype == torch.int32
+        with routed_experts_hooks(engine.model) as rec, torch.no_grad():
+            engine.model(input_ids=torch.tensor([seq]))
+        full = rec.per_call()[0]
+        same = (o.routed_experts.sort(-1).values == full.sort(-1).values).all(-1)
+        differ += int((~same).sum())
+        total += same.numel()
+    print(f"{dtype}: {differ}/{total} token-layer pairs routed differently decoding vs prefill")
+    if dtype == "float32":
+        assert differ == 0
+    else:  # bf16 decoding (other matmul shapes) flips near-ties: what the engine really used
+        assert differ <= 0.1 * total
+    # the hooks are gone: a plain generate returns no routing
+    plain = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, seed=3))
+    assert plain[0].routed_experts is None
+
+
+def test_batch_lays_out_routed_experts(moe16):
+    engine = EmbeddedRolloutEngine(moe16, seed=0, dtype="bfloat16")
+    rollouts = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5, seed=1))
+    scores = [ScoreResult(logprobs=[0.0] * len(r.response_ids)) for r in rollouts]
+    batch = build_train_batch(rollouts, scores, ["d"] * len(rollouts), ["d"])
+    x = batch.routed_experts_B_T_X
+    assert x.shape == (len(PROMPTS), batch.tokens_B_T.shape[1], 4)
+    for i, r in enumerate(rollouts):
+        n = len(r.prompt_ids) + len(r.response_ids)
+        assert torch.equal(x[i, : n - 1], r.routed_experts.view(n - 1, 4))
+        assert (x[i, n - 1 :] == -1).all()
+    assert torch.equal(batch.select(slice(1, 3)).routed_experts_B_T_X, x[1:3])
+
+
+def make_replay_batch(hf: str, path: str) -> None:
+    """A bf16 engine's rollouts, scored by the same model in fp32 as a stand-in teacher."""
+    engine = EmbeddedRolloutEngine(hf, seed=0, dtype="bfloat16")
+    prompts = [[1, 3 + (5 * i) % 90, 4 + (7 * i) % 90] for i in range(8)]
+    rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=24, seed=5))
+    teacher = HFEngine(hf, dtype="float32")
+    scored = teacher.score(
+        [r.prompt_ids + r.response_ids for r in rollouts],
+        starts=[len(r.prompt_ids) for r in rollouts],
+    )
+    scores = [ScoreResult(logprobs=[float(v) for v in s.logprobs]) for s in scored]
+    domains = ["a" if i % 2 else "b" for i in range(len(rollouts))]
+    torch.save(build_train_batch(rollouts, scores, domains, ["a", "b"]), path)
+
+
+@pytest.mark.slow
+def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
+    from multirank import run_workers
+
+    path = str(tmp_path / "batch.pt")
+    make_replay_batch(moe16, path)
+    single = [{"name": "off", "replay": False}, {"name": "on", "replay": True}]
+    args = ["--batch", path, "--hf", moe16]
+    one = run_workers(WORKER, 1, args + ["--cases", json.dumps(single)], timeout=600)[0]
+    ep2 = run_workers(
+        WORKER,
+        2,
+        args + ["--cases", json.dumps([{"name": "ep2", "ep": 2, "replay": True}])],
+        timeout=600,
+    )
+    off, on = one["off"]["out"], one["on"]["out"]
+    for name, o in (("off", off), ("on", on), ("ep2", ep2[0]["ep2"]["out"])):
+        print(
+            f"replay {name}: routing_mismatch_frac={o['routing_mismatch_frac']:.4f} "
+            f"|r-1|={o['ratio_abs_dev']:.3e} discard={o['discard_low_frac'] + o['discard_high_frac']:.4f}"
+        )
+    assert off["routing_mismatch_frac"] > 0
+    assert on["routing_mismatch_frac"] == 0
+    assert on["ratio_abs_dev"] < off["ratio_abs_dev"]
+    discard = lambda o: o["discard_low_frac"] + o["discard_high_frac"]  # noqa: E731
+    assert discard(on) < discard(off)
+    for rank in range(2):
+        e = ep2[rank]["ep2"]
+        assert e["out"]["routing_mismatch_frac"] == 0
+        assert e["out"]["loss"] == pytest.approx(on["loss"], rel=1e-5, abs=1e-7)
+        assert e["out"]["grad_norm"] == pytest.approx(on["grad_norm"], rel=1e-4)
+        assert e["out"]["ratio_abs_dev"] == pytest.approx(on["ratio_abs_dev"], rel=1e-4)
+        for name, g in one["on"]["router_grads"].items():
+            torch.testing.assert_close(e["router_grads"][name], g, rtol=1e-4, atol=1e-6)
