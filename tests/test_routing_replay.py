@@ -8,7 +8,8 @@ Slow (torchrun): a tiny MoE student with 16 experts, top-2, loaded from the HF f
 bf16 engine sampled with. One MOPD step without replay routes some token-layer pairs
 differently from the engine (`routing_mismatch_frac` > 0, printed); with replay every pair
 matches (0, read from the routers' own output in the Megatron forward), and |r - 1| and
-IcePop's discard fraction drop; the replayed step at EP2 matches the single-process one.
+IcePop's discard fraction drop; the replayed step at EP2, TP2 (sequence parallel) and
+PP2 matches the single-process one (loss, grad norm, |r - 1|, router gradients).
 """
 
 from __future__ import annotations
@@ -104,14 +105,17 @@ def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
     single = [{"name": "off", "replay": False}, {"name": "on", "replay": True}]
     args = ["--batch", path, "--hf", moe16]
     one = run_workers(WORKER, 1, args + ["--cases", json.dumps(single)], timeout=600)[0]
-    ep2 = run_workers(
-        WORKER,
-        2,
-        args + ["--cases", json.dumps([{"name": "ep2", "ep": 2, "replay": True}])],
-        timeout=600,
-    )
+    layouts = [
+        {"name": "ep2", "ep": 2, "replay": True},
+        {"name": "tp2", "tp": 2, "replay": True},  # sequence parallel: each rank's slice
+        {"name": "pp2", "pp": 2, "replay": True},  # each stage replays its own layers
+        {"name": "ep2_off", "ep": 2, "replay": False},
+    ]
+    multi = run_workers(WORKER, 2, args + ["--cases", json.dumps(layouts)], timeout=900)
     off, on = one["off"]["out"], one["on"]["out"]
-    for name, o in (("off", off), ("on", on), ("ep2", ep2[0]["ep2"]["out"])):
+    for name, o in [("off", off), ("on", on)] + [
+        (c["name"], multi[0][c["name"]]["out"]) for c in layouts
+    ]:
         print(
             f"replay {name}: routing_mismatch_frac={o['routing_mismatch_frac']:.4f} "
             f"|r-1|={o['ratio_abs_dev']:.3e} discard={o['discard_low_frac'] + o['discard_high_frac']:.4f}"
@@ -121,11 +125,12 @@ def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
     assert on["ratio_abs_dev"] < off["ratio_abs_dev"]
     discard = lambda o: o["discard_low_frac"] + o["discard_high_frac"]  # noqa: E731
     assert discard(on) < discard(off)
-    for rank in range(2):
-        e = ep2[rank]["ep2"]
-        assert e["out"]["routing_mismatch_frac"] == 0
-        assert e["out"]["loss"] == pytest.approx(on["loss"], rel=1e-5, abs=1e-7)
-        assert e["out"]["grad_norm"] == pytest.approx(on["grad_norm"], rel=1e-4)
-        assert e["out"]["ratio_abs_dev"] == pytest.approx(on["ratio_abs_dev"], rel=1e-4)
-        for name, g in one["on"]["router_grads"].items():
-            torch.testing.assert_close(e["router_grads"][name], g, rtol=1e-4, atol=1e-6)
+    for rank, case in ((r, c) for r in range(2) for c in layouts):
+        e, ref = multi[rank][case["name"]], one["on" if case["replay"] else "off"]
+        assert (e["out"]["routing_mismatch_frac"] == 0) == case["replay"], case["name"]
+        if case["replay"]:  # replayed: the layout cannot change the routing, so the step
+            assert e["out"]["loss"] == pytest.approx(ref["out"]["loss"], rel=1e-5, abs=1e-7)
+            assert e["out"]["grad_norm"] == pytest.approx(ref["out"]["grad_norm"], rel=1e-4)
+            assert e["out"]["ratio_abs_dev"] == pytest.approx(ref["out"]["ratio_abs_dev"], rel=1e-4)
+            for name, g in e["router_grads"].items():
+                torch.testing.assert_close(g, ref["router_grads"][name], rtol=1e-4, atol=1e-6)

@@ -33,7 +33,9 @@ def run_case(case: dict, hf: str, batch) -> dict:
 
     parallel = ParallelConfig(
         tensor_model_parallel_size=case.get("tp", 1),
+        pipeline_model_parallel_size=case.get("pp", 1),
         expert_model_parallel_size=case.get("ep", 1),
+        expert_tensor_parallel_size=case.get("etp"),
     )
     distributed.init_distributed(parallel, None, seed=0)
     chunks, _ = build_student(ModelConfig(hf_path=hf), parallel)
@@ -46,7 +48,7 @@ def run_case(case: dict, hf: str, batch) -> dict:
     )
     out = mopd_train_step(chunks, optimizer, batch, cfg, case.get("mbs", 2))
     grads = {}
-    for name, p in unwrap_model(chunks[0]).named_parameters():
+    for name, p in [] if case.get("pp", 1) > 1 else unwrap_model(chunks[0]).named_parameters():
         if name.endswith("router.weight"):
             g = getattr(p, "main_grad", None)
             grads[name] = (p.grad if g is None else g).detach().clone().float()
