@@ -134,3 +134,26 @@ def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
             assert e["out"]["ratio_abs_dev"] == pytest.approx(ref["out"]["ratio_abs_dev"], rel=1e-4)
             for name, g in e["router_grads"].items():
                 torch.testing.assert_close(g, ref["router_grads"][name], rtol=1e-4, atol=1e-6)
+
+
+def test_routing_replay_config_errors_name_the_key():
+    from megatron_mopd.config import LossConfig, load_config
+    from megatron_mopd.errors import ConfigError
+    from megatron_mopd.student.mopd_step import _routing_replay
+
+    with pytest.raises(ConfigError, match=r"loss\.routing_replay.*no experts"):
+        load_config(None, ["loss.routing_replay=true"])
+    cfg = load_config(None, ["loss.routing_replay=true", "model.num_moe_experts=16"])
+    assert cfg.loss.routing_replay
+    # a batch without routed experts (an SGLang server without the flag) is refused
+    batch = build_train_batch([_rollout()], [ScoreResult(logprobs=[0.0, 0.0])], ["d"], ["d"])
+    assert batch.routed_experts_B_T_X is None
+    with pytest.raises(ConfigError, match=r"loss\.routing_replay.*enable-return-routed-experts"):
+        _routing_replay([], batch, LossConfig(routing_replay=True))
+    assert _routing_replay([], batch, LossConfig()) is None
+
+
+def _rollout():
+    from megatron_mopd.types import Rollout
+
+    return Rollout([1, 2], [3, 4], [-1.0, -1.0], "length", "0")
