@@ -157,3 +157,35 @@ def _rollout():
     from megatron_mopd.types import Rollout
 
     return Rollout([1, 2], [3, 4], [-1.0, -1.0], "length", "0")
+
+
+def test_sglang_routed_experts_answer_is_decoded():
+    """SGLang 0.5.23's format (tokenizer_manager / detokenizer_manager): meta_info
+    `routed_experts` = base64 of int32 [prompt + output - 1, layers, top_k]."""
+    import base64
+
+    import numpy as np
+
+    from megatron_mopd.rollout.sglang import _decode_routed_experts
+    from megatron_mopd.sglang_answers import check_generation
+
+    ids = np.arange(5 * 2 * 2, dtype=np.int32).reshape(5, 2, 2) % 16
+    b64 = base64.b64encode(ids.tobytes()).decode()
+    answer = {
+        "output_ids": [7, 8, 2],
+        "meta_info": {
+            "output_token_logprobs": [[-1.0, 7, None], [-2.0, 8, None], [-0.5, 2, None]],
+            "finish_reason": {"type": "stop"},
+            "weight_version": "3",
+            "routed_experts": b64,
+        },
+    }
+    gen = check_generation([answer], "http://x", "generate", 0, 0, 1)
+    got = _decode_routed_experts(gen.routed_experts, 3 + 3 - 1)  # prompt of 3 tokens
+    assert got.dtype == torch.int32 and tuple(got.shape) == (5, 4)
+    assert torch.equal(got.view(5, 2, 2), torch.from_numpy(ids))
+    assert _decode_routed_experts(None, 5) is None
+    from megatron_mopd.errors import TeacherError
+
+    with pytest.raises(TeacherError, match="routed_experts"):
+        _decode_routed_experts(b64, 3)
