@@ -189,3 +189,32 @@ def test_sglang_routed_experts_answer_is_decoded():
 
     with pytest.raises(TeacherError, match="routed_experts"):
         _decode_routed_experts(b64, 3)
+
+
+def test_sglang_rollout_engine_returns_routed_experts(moe16):
+    """`SGLangRolloutEngine(return_routed_experts=True)` against `mopd serve` (which
+    answers the field as SGLang encodes it): every rollout's experts are the fp32 model's
+    own routing of prompt + response[:-1]; without the flag none are returned."""
+    from sglang_helpers import InProcessServer
+
+    from megatron_mopd.config import RolloutConfig
+    from megatron_mopd.rollout.sglang import SGLangRolloutEngine
+
+    srv = InProcessServer(moe16, seed=0)
+    model = HFEngine(moe16).model
+    try:
+        cfg = RolloutConfig(backend="sglang", urls=[srv.url])
+        engine = SGLangRolloutEngine(cfg, return_routed_experts=True)
+        rollouts = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, seed=2))
+        plain = SGLangRolloutEngine(cfg).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+        engine.close()
+    finally:
+        srv.stop()
+    assert plain[0].routed_experts is None
+    for r in rollouts:
+        seq = r.prompt_ids + r.response_ids[:-1]
+        assert tuple(r.routed_experts.shape) == (len(seq), 2 * 2)
+        with routed_experts_hooks(model) as rec, torch.no_grad():
+            model(input_ids=torch.tensor([seq]))
+        want = rec.per_call()[0].sort(-1).values
+        assert torch.equal(r.routed_experts.view(len(seq), 2, 2).sort(-1).values, want)
