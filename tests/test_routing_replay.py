@@ -102,13 +102,20 @@ def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
 
     path = str(tmp_path / "batch.pt")
     make_replay_batch(moe16, path)
-    single = [{"name": "off", "replay": False}, {"name": "on", "replay": True}]
+    single = [
+        {"name": "off", "replay": False},
+        {"name": "on", "replay": True},
+        {"name": "on_recompute", "replay": True, "recompute": True},
+        {"name": "off_recompute", "replay": False, "recompute": True},
+    ]
     args = ["--batch", path, "--hf", moe16]
     one = run_workers(WORKER, 1, args + ["--cases", json.dumps(single)], timeout=600)[0]
     layouts = [
         {"name": "ep2", "ep": 2, "replay": True},
         {"name": "tp2", "tp": 2, "replay": True},  # sequence parallel: each rank's slice
         {"name": "pp2", "pp": 2, "replay": True},  # each stage replays its own layers
+        # 1F1B runs forwards ahead of backwards: recomputation must pop megatron's FIFO
+        {"name": "pp2_recompute", "pp": 2, "replay": True, "recompute": True},
         {"name": "ep2_off", "ep": 2, "replay": False},
     ]
     multi = run_workers(WORKER, 2, args + ["--cases", json.dumps(layouts)], timeout=900)
@@ -125,6 +132,14 @@ def test_replay_removes_routing_mismatch_and_matches_at_ep2(moe16, tmp_path):
     assert on["ratio_abs_dev"] < off["ratio_abs_dev"]
     discard = lambda o: o["discard_low_frac"] + o["discard_high_frac"]  # noqa: E731
     assert discard(on) < discard(off)
+    # recomputation replays the same experts in the backward: the same step, replayed or not
+    for name in ("on", "off"):
+        a, b = one[name], one[f"{name}_recompute"]
+        assert b["out"]["loss"] == pytest.approx(a["out"]["loss"], rel=1e-6, abs=1e-8)
+        assert b["out"]["grad_norm"] == pytest.approx(a["out"]["grad_norm"], rel=1e-5)
+        assert b["out"]["routing_mismatch_frac"] == a["out"]["routing_mismatch_frac"]
+        for key, g in a["router_grads"].items():
+            torch.testing.assert_close(b["router_grads"][key], g, rtol=1e-5, atol=1e-7)
     for rank, case in ((r, c) for r in range(2) for c in layouts):
         e, ref = multi[rank][case["name"]], one["on" if case["replay"] else "off"]
         assert (e["out"]["routing_mismatch_frac"] == 0) == case["replay"], case["name"]

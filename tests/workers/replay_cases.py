@@ -39,6 +39,11 @@ def run_case(case: dict, hf: str, batch) -> dict:
     )
     distributed.init_distributed(parallel, None, seed=0)
     chunks, _ = build_student(ModelConfig(hf_path=hf), parallel)
+    if case.get("recompute"):  # full activation recomputation: the routers run again in
+        config = unwrap_model(chunks[0]).config  # the backward (megatron's REPLAY_BACKWARD)
+        config.recompute_granularity = "full"
+        config.recompute_method = "uniform"
+        config.recompute_num_layers = 1
     chunks = wrap_ddp(chunks, parallel)
     optimizer, _ = build_optimizer(
         chunks, TrainConfig(lr=1e-3, lr_warmup_steps=0, clip_grad=0.0), parallel
