@@ -22,8 +22,9 @@ its FIFO `replay_backward_list` (filled by every `set_target_indices`) in
 `REPLAY_BACKWARD`. A forward pre-hook on each router picks the action: REPLAY_BACKWARD
 when the router runs inside autograd's backward (activation recomputation), else
 REPLAY_FORWARD. Backward passes run in the micro-batches' forward order under megatron's
-schedules, which is what the FIFO needs. (Recompute is written for but not exercised by
-the tests here: the project builds no recomputing model yet.)
+schedules, which is what the FIFO needs. tests/test_routing_replay.py checks full
+recomputation at one process and at PP2 (1F1B runs forwards ahead of backwards, so
+replaying the latest target there would be wrong: that variant fails the test).
 
 Measurement: a forward hook on each router compares the routing map it returned with the
 engine's choice at the recorded positions: `mismatch()` sums, over every rank (all
