@@ -157,7 +157,12 @@ class RoutingReplay:
             target = x[:, :, router.layer_number - 1].reshape(-1, K).contiguous()
             self._targets[id(router)] = (target, known)
             if self.replay:
-                router.router_replay.set_target_indices(target)
+                replay = router.router_replay
+                if not self.config.recompute_granularity:
+                    # nothing pops the backward FIFO without recomputation: keep it from
+                    # holding every micro-batch's targets until the end of the step
+                    replay.replay_backward_list.clear()
+                replay.set_target_indices(target)
 
     def mismatch(self) -> tuple[float, float]:
         """(token-layer pairs routed differently, pairs compared), summed over the world
