@@ -29,6 +29,9 @@ class TrainBatch:
     lengths_B: torch.Tensor  # long, prompt + response length
     teacher_topk_ids_B_T_K: torch.Tensor | None = None
     teacher_topk_logprobs_B_T_K: torch.Tensor | None = None
+    # the rollout engine's MoE routing (routing replay): int32 [B, T, num_layers * top_k],
+    # position i = the experts of token i; -1 where the engine fed no token (the last)
+    routed_experts_B_T_X: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -53,6 +56,7 @@ class TrainBatch:
             lengths_B=pick(self.lengths_B),
             teacher_topk_ids_B_T_K=pick(self.teacher_topk_ids_B_T_K),
             teacher_topk_logprobs_B_T_K=pick(self.teacher_topk_logprobs_B_T_K),
+            routed_experts_B_T_X=pick(self.routed_experts_B_T_X),
             extras=self.extras,
         )
 
@@ -70,6 +74,7 @@ class TrainBatch:
                 "lengths_B",
                 "teacher_topk_ids_B_T_K",
                 "teacher_topk_logprobs_B_T_K",
+                "routed_experts_B_T_X",
             )
         }
         return {k: v for k, v in out.items() if v is not None}
@@ -114,6 +119,7 @@ def build_train_batch(
             topk_ids[i, p : p + n] = torch.tensor(s.top_ids)
             topk_lp[i, p : p + n] = torch.tensor(s.top_logprobs, dtype=torch.float32)
     index = {d: j for j, d in enumerate(domains)}
+    routed = _routed_experts(rollouts, T)
     return TrainBatch(
         tokens_B_T=tokens,
         mask_B_T=mask,
@@ -125,7 +131,25 @@ def build_train_batch(
         lengths_B=torch.tensor(lengths, dtype=torch.long),
         teacher_topk_ids_B_T_K=topk_ids,
         teacher_topk_logprobs_B_T_K=topk_lp,
+        routed_experts_B_T_X=routed,
     )
+
+
+def _routed_experts(rollouts: list[Rollout], T: int) -> torch.Tensor | None:
+    """`[B, T, X]` int32 of the rollouts' `routed_experts` (None unless all have them)."""
+    if not rollouts or any(r.routed_experts is None for r in rollouts):
+        return None
+    flat = [
+        torch.as_tensor(r.routed_experts).reshape(len(r.prompt_ids) + len(r.response_ids) - 1, -1)
+        for r in rollouts
+    ]
+    widths = {f.shape[1] for f in flat}
+    if len(widths) != 1:
+        raise ValueError(f"rollouts disagree on the routed experts per token: {sorted(widths)}")
+    out = torch.full((len(rollouts), T, widths.pop()), -1, dtype=torch.int32)
+    for i, f in enumerate(flat):
+        out[i, : f.shape[0]] = f.to(torch.int32)
+    return out
 
 
 def broadcast_batch(batch: TrainBatch | None, src: int = 0, group=None) -> TrainBatch:

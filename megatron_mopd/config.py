@@ -372,6 +372,10 @@ class LossConfig:
     grpo_normalize_std: bool = True
     # top-k estimators: also compare the "rest of the vocabulary" bucket (loss.topk_reverse_kl)
     topk_tail: bool = True
+    # MoE routing replay (R3): the student's forward (and recompute) routes every token to
+    # the experts the rollout engine routed it to (needs an MoE student and an engine that
+    # returns them: embedded, or SGLang with --enable-return-routed-experts)
+    routing_replay: bool = False
     per_domain: dict[str, LossOverride] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
@@ -552,6 +556,11 @@ class Config:
             # with a checkpoint, the architecture is read from it and checked then
             # (student.load.resolve_model_config); the fields here are placeholders
             check_layout(self.model, self.parallel)
+            if self.loss.routing_replay and not self.model.is_moe:
+                raise ConfigError(
+                    "loss.routing_replay=true replays MoE routing, but the student has no "
+                    "experts (model.num_moe_experts is unset)"
+                )
 
     def _check_truncated_sampling(self) -> None:
         """Refuse top-p / top-k sampling with importance weights: the engines' log mu

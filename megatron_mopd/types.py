@@ -9,6 +9,7 @@ Tensors are named by shape: `_B_T` is [batch, time], `_B` is [batch].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Rollout:
     rollout_logprobs: list[float]  # log mu(response_ids[t] | prompt, response[:t])
     finish_reason: str  # "stop" (a stop token was sampled) or "length"
     weight_version: str
+    # The MoE experts the engine routed each token to (routing replay, R3): an int32
+    # tensor [P + R - 1, num_layers, top_k] for the tokens prompt + response[:-1] (the
+    # last sampled token is never fed to the model), layers in the model's order. None
+    # when the engine does not return them (dense model, or not asked).
+    routed_experts: Any = None
 
 
 @dataclass

@@ -55,9 +55,13 @@ class EmbeddedRolloutEngine(RolloutEngine):
         dtype: str = "float32",
         weight_version: str = "0",
         engine: HFEngine | None = None,
+        return_routed_experts: bool = True,
     ) -> None:
         """Load the student from an HF folder (unless `engine` is given). `seed` seeds the
-        draws of calls whose `SamplingParams.seed` is None."""
+        draws of calls whose `SamplingParams.seed` is None. `return_routed_experts`: fill
+        `Rollout.routed_experts` with the experts the engine's MoE routers chose (in
+        its own dtype; nothing for dense models), for routing replay and its metrics."""
+        self.return_routed_experts = return_routed_experts
         if engine is None:
             from megatron_mopd.rollout.hf_engine import HFEngine
 
@@ -96,7 +100,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
                 for s in request_seeds(sampling.seed, len(prompts))
             ]
         try:
-            outs = self.engine.generate(prompts, params)
+            outs = self.engine.generate(
+                prompts, params, return_routed_experts=self.return_routed_experts
+            )
         except ValueError as e:
             raise UserError(f"embedded rollout engine ({self.hf_path}): {e}") from e
         version = self.engine.weight_version
@@ -116,6 +122,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
                     rollout_logprobs=list(out.logprobs),
                     finish_reason=out.finish_reason,
                     weight_version=version,
+                    routed_experts=out.routed_experts,
                 )
             )
         return rollouts

@@ -43,7 +43,8 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
     if cfg.rollout.backend == "sglang":
         from megatron_mopd.rollout.sglang import SGLangRolloutEngine
 
-        engine = SGLangRolloutEngine(cfg.rollout)
+        # routed experts only with routing replay: the servers need a flag for them
+        engine = SGLangRolloutEngine(cfg.rollout, return_routed_experts=cfg.loss.routing_replay)
         try:
             engine.check_dtype(cfg.rollout.dtype)
         except BaseException:

@@ -86,6 +86,9 @@ class GenerateOutput:
     logprobs: list[float]
     finish_reason: str
     matched: int | str | None = None
+    # with `generate(..., return_routed_experts=True)` on an MoE model: int32
+    # [len(prompt) + len(output_ids) - 1, num_moe_layers, top_k] (see `routed_experts_hooks`)
+    routed_experts: torch.Tensor | None = None
 
 
 class HFEngine:
@@ -268,8 +271,13 @@ class HFEngine:
         sampling: SamplingParams | Sequence[SamplingParams],
         stop_strs: Sequence[Sequence[str]] | None = None,
         ignore_eos: bool | Sequence[bool] = False,
+        return_routed_experts: bool = False,
     ) -> list[GenerateOutput]:
-        """Sample continuations of `prompts` (see the module docstring)."""
+        """Sample continuations of `prompts` (see the module docstring).
+
+        `return_routed_experts`: also record, per token fed to the model (the prompt and
+        every sampled token but the last), the experts each MoE layer's router chose, in
+        this engine's dtype (`GenerateOutput.routed_experts`; None for dense models)."""
         n = len(prompts)
         params = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
         stops = [list(x) for x in stop_strs] if stop_strs is not None else [[] for _ in range(n)]
@@ -285,7 +293,13 @@ class HFEngine:
             return []
         with self._lock, torch.inference_mode():
             gens = [_make_generator(sp.seed, self._rng) for sp in params]
-            return self._generate(prompts, params, stops, ignore, gens)
+            if not return_routed_experts:
+                return self._generate(prompts, params, stops, ignore, gens)
+            with routed_experts_hooks(self.model) as steps:
+                outputs = self._generate(prompts, params, stops, ignore, gens)
+            if steps.num_layers:
+                _attach_routed_experts(outputs, prompts, steps.per_call())
+            return outputs
 
     def _generate(self, prompts, params, stops, ignore, gens) -> list[GenerateOutput]:
         from transformers import DynamicCache
@@ -369,6 +383,91 @@ class HFEngine:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# -------------------------------------------------------------------- routed experts
+
+
+def moe_gates(model) -> list[tuple[torch.nn.Module, int]]:
+    """`(gate, top_k)` of every sparse MoE block of an HF model, in layer order.
+
+    Qwen2-MoE / Qwen3-MoE (and Mixtral-like) blocks hold a linear router `gate` and
+    `top_k`; the block routes each token to top_k(softmax(gate(x)) in fp32), which
+    `routed_experts_hooks` recomputes from the gate's output."""
+    out = []
+    for module in model.modules():
+        gate = getattr(module, "gate", None)
+        top_k = getattr(module, "top_k", None)
+        if (
+            isinstance(gate, torch.nn.Linear)
+            and isinstance(top_k, int)
+            and hasattr(module, "experts")
+        ):
+            out.append((gate, top_k))
+    return out
+
+
+class _RoutingRecord:
+    """Per forward call of the model: the [tokens, num_layers, top_k] expert ids."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.calls: list[list[torch.Tensor | None]] = []
+
+    def add(self, layer: int, ids: torch.Tensor) -> None:
+        if layer == 0 or not self.calls:
+            self.calls.append([None] * self.num_layers)
+        self.calls[-1][layer] = ids
+
+    def per_call(self) -> list[torch.Tensor]:
+        return [torch.stack(layers, dim=1) for layers in self.calls]  # [N, L, K] per call
+
+
+class routed_experts_hooks:  # noqa: N801 (a context manager used like a function)
+    """Record the experts each MoE layer's router picks during the model's forwards.
+
+        with routed_experts_hooks(model) as rec:
+            model(input_ids=...)
+        rec.per_call()  # one int32 [batch * seq, num_layers, top_k] tensor per forward
+
+    The choice is recomputed from the gate's logits exactly as the HF block does it
+    (softmax in fp32 of the logits in the model's dtype, then top-k), so a bf16 model
+    records its bf16 routing. Token order is the block's: row-major [batch, seq]."""
+
+    def __init__(self, model) -> None:
+        self.gates = moe_gates(model)
+        self.record = _RoutingRecord(len(self.gates))
+        self.handles: list = []
+
+    def __enter__(self) -> _RoutingRecord:
+        for layer, (gate, top_k) in enumerate(self.gates):
+
+            def hook(_mod, _inp, logits, layer=layer, top_k=top_k):
+                probs = torch.softmax(
+                    logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float
+                )
+                self.record.add(layer, probs.topk(top_k, dim=-1).indices.to(torch.int32))
+
+            self.handles.append(gate.register_forward_hook(hook))
+        return self.record
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _attach_routed_experts(outputs, prompts, calls: list[torch.Tensor]) -> None:
+    """Cut `_generate`'s per-call routing into per-request tensors: call 0 is the
+    left-padded prefill ([n * width] tokens), call j >= 1 feeds sampled token j - 1."""
+    n = len(prompts)
+    width = max(len(p) for p in prompts)
+    prefill = calls[0].view(n, width, *calls[0].shape[1:])
+    decode = [c.view(n, *c.shape[1:]) for c in calls[1:]]
+    for r, (out, p) in enumerate(zip(outputs, prompts)):
+        fed = max(len(out.output_ids) - 1, 0)
+        parts = [prefill[r, width - len(p) :]] + [decode[j][r : r + 1] for j in range(fed)]
+        out.routed_experts = torch.cat(parts, dim=0).contiguous()
 
 
 # -------------------------------------------------------------------- helpers

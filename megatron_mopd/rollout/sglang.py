@@ -85,10 +85,19 @@ class SGLangRolloutEngine(RolloutEngine):
         worker_urls: Sequence[str] | None = None,
         wait: bool = True,
         client: SGLangClient | None = None,
+        return_routed_experts: bool = False,
     ) -> None:
         """Sample through `cfg.urls`; weight updates go to `worker_urls` (default: the
-        URLs themselves, or the workers behind a router, from its `GET /workers`)."""
+        URLs themselves, or the workers behind a router, from its `GET /workers`).
+
+        `return_routed_experts` asks every /generate for the experts each token was
+        routed to (`Rollout.routed_experts`; servers need
+        `--enable-return-routed-experts`). sglang-router drops the field from its
+        answers, so these requests go to the workers directly (`workers`, from the
+        router's `GET /workers`), spread over them by the client. Untested against a
+        real server here (see README)."""
         self.cfg = cfg
+        self.return_routed_experts = return_routed_experts
         self._api_key = api_key_from_env(cfg.api_key_env, "rollout.api_key_env")
         self.client = client or self._client(cfg.urls)
         self._workers = self._client(worker_urls) if worker_urls else None
@@ -188,7 +197,15 @@ class SGLangRolloutEngine(RolloutEngine):
             else:
                 seeds = _request_seeds(sampling.seed, len(prompts))
                 params = [dict(base, sampling_seed=s) for s in seeds]
-            gens = self.client.generate(prompts, params, batch_size=self.cfg.batch_size)
+            if self.return_routed_experts:  # the router would drop the field
+                gens = self.workers.generate(
+                    prompts,
+                    params,
+                    batch_size=self.cfg.batch_size,
+                    extra={"return_routed_experts": True},
+                )
+            else:
+                gens = self.client.generate(prompts, params, batch_size=self.cfg.batch_size)
         except TeacherError as e:
             raise TeacherError(f"rollout engine: {e}") from None
         rollouts = []
@@ -201,6 +218,9 @@ class SGLangRolloutEngine(RolloutEngine):
                     rollout_logprobs=g.logprobs,
                     finish_reason=g.finish_reason["type"],
                     weight_version=version,
+                    routed_experts=_decode_routed_experts(
+                        g.routed_experts, len(prompt) + len(g.output_ids) - 1
+                    ),
                 )
             )
             self._version = version
@@ -433,6 +453,25 @@ class SGLangRolloutEngine(RolloutEngine):
         self.client.close()
         if self._workers is not None and self._workers is not self.client:
             self._workers.close()
+
+
+def _decode_routed_experts(b64: str | None, num_tokens: int):
+    """SGLang's base64 int32 routing of `num_tokens` tokens as an int32 tensor
+    [num_tokens, num_layers * top_k] (the trainer splits the last axis by its top_k)."""
+    if b64 is None:
+        return None
+    import base64
+
+    import numpy as np
+    import torch
+
+    flat = np.frombuffer(base64.b64decode(b64), dtype=np.int32)
+    if num_tokens <= 0 or flat.size % num_tokens:
+        raise TeacherError(
+            f"rollout engine: routed_experts has {flat.size} ids, not a multiple of the "
+            f"{num_tokens} tokens fed to the model"
+        )
+    return torch.from_numpy(flat.copy()).view(num_tokens, -1)
 
 
 def _router_workers(client: SGLangClient, url: str) -> list[str]:

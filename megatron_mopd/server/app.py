@@ -41,6 +41,9 @@ first logprob `null` as SGLang does), `output_token_logprobs`, and with
 `top_logprobs_num > 0` `input_top_logprobs` / `output_top_logprobs` (first position
 `null`; output top-k are rescored by a prefill at temperature 1, where SGLang gives
 them at the sampling temperature: the same at temperature 1, which MOPD samples at).
+`return_routed_experts: true` (MoE models) adds `meta_info.routed_experts` as SGLang 0.5.23
+encodes it (`--enable-return-routed-experts`): base64 of int32 `[prompt + output - 1,
+layers, top_k]`, the experts the engine routed each fed token to (routing replay, R3).
 Features the project does not use (streaming, `token_ids_logprob`, penalties, `min_p`,
 grammars, `n > 1`, LoRA, images) get a 400 naming the field rather than being silently
 ignored. Errors: 400 `{"error": {"message": ...}}`. Parsing and answer building live in

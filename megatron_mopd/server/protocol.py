@@ -9,6 +9,7 @@ docstring for the list of supported fields.
 
 from __future__ import annotations
 
+import base64
 import math
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class Item:
     return_text: bool
     rid: str
     result: dict | None = None
+    return_routed_experts: bool = False  # SGLang's top-level field (routing replay, R3)
 
 
 def parse_generate(body: Any, vocab_size: int, tokenizer=None) -> tuple[list[Item], bool]:
@@ -153,6 +155,7 @@ def parse_generate(body: Any, vocab_size: int, tokenizer=None) -> tuple[list[Ite
                 top_logprobs_num=min(topk[i], vocab_size),
                 return_text=return_text,
                 rid=rids[i] or uuid.uuid4().hex,
+                return_routed_experts=bool(body.get("return_routed_experts") or False),
             )
         )
     return items, is_batch
@@ -265,6 +268,7 @@ def run_batch(engine, items: list[Item]) -> None:
             [it.sampling for it in sampled],
             stop_strs=[it.stop_strs for it in sampled],
             ignore_eos=[it.ignore_eos for it in sampled],
+            return_routed_experts=any(it.return_routed_experts for it in sampled),
         )
         gens = {id(it): out for it, out in zip(sampled, outs)}
         if any(it.top_logprobs_num for it in sampled):
@@ -300,6 +304,9 @@ def _response(engine, it: Item, score, gen, top, version: str) -> dict:
         "cached_tokens": 0,
         "weight_version": version,
     }
+    if it.return_routed_experts and gen is not None and gen.routed_experts is not None:
+        # SGLang's encoding: base64 of int32 [prompt + output - 1, layers, top_k]
+        meta["routed_experts"] = base64.b64encode(gen.routed_experts.numpy().tobytes()).decode()
     if it.return_logprob:
         k = it.top_logprobs_num
         start = it.logprob_start_len

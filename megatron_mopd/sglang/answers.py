@@ -37,6 +37,9 @@ class Generation:
     logprobs: list[float]
     finish_reason: dict
     weight_version: str | None
+    # meta_info.routed_experts when asked (`return_routed_experts`): base64 of int32
+    # [prompt + output - 1, num_layers, top_k], as SGLang 0.5.23 encodes it
+    routed_experts: str | None = None
 
 
 def check_scoring_answer(
@@ -218,7 +221,9 @@ def check_generation(answer: Any, url: str, label: str, j: int, index: int, n: i
         if not _is_logprob(e[0]):
             raise _not_a_logprob(where, f"output token {t} (id {tok})", e[0])
         logprobs.append(float(e[0]))
-    return Generation(list(out_ids), logprobs, finish, meta.get("weight_version"))
+    return Generation(
+        list(out_ids), logprobs, finish, meta.get("weight_version"), meta.get("routed_experts")
+    )
 
 
 def _checked_logprobs(

@@ -520,8 +520,11 @@ class SGLangClient:
         sampling_params: dict | Sequence[dict],
         batch_size: int = 16,
         progress: Callable[[int], None] | None = None,
+        extra: dict | None = None,
     ) -> list[Generation]:
         """Sample one continuation per prompt with `return_logprob` (output tokens only).
+
+        `extra` adds top-level request fields (e.g. `{"return_routed_experts": True}`).
 
         `sampling_params` is SGLang's: one dict shared by all prompts (sent in batches of
         `batch_size`), or one dict per prompt (e.g. per-prompt `sampling_seed`s), sent one
@@ -541,6 +544,7 @@ class SGLangClient:
                 "return_logprob": True,
                 "logprob_start_len": -1,
                 "return_text_in_logprobs": False,
+                **(extra or {}),
             }
             label = f"generate request {r} (prompts {lo}..{hi - 1})"
 

@@ -472,12 +472,14 @@ def run_schedule(
     loss_func_for: Callable[[MicroBatch], Callable[[torch.Tensor], tuple]],
     *,
     forward_only: bool,
+    before_forward: Callable[[MicroBatch], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `micro_batches` through megatron's `get_forward_backward_func` (so PP works).
 
     `loss_func_for(mb)` returns the schedule's loss function for micro-batch `mb`: it
     receives the output layer's vocabulary-sharded logits `[B, T, V / tp]` (last stage
-    only) and returns megatron's `(loss, num_tokens, reduced_dict)`. Returns the
+    only) and returns megatron's `(loss, num_tokens, reduced_dict)`; `before_forward(mb)`,
+    when given, runs just before each micro-batch's forward. Returns the
     `reduced_dict`s, one per micro-batch, on the last pipeline stage (`[]` elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -498,6 +500,8 @@ def run_schedule(
 
     def forward_step(data_iterator: Any, model: Any):
         mb = next(data_iterator)
+        if before_forward is not None:
+            before_forward(mb)
         tokens = mb.tokens_B_T.to(device)
         output = model(tokens, mb.position_ids_B_T.to(device), None)
         return output, loss_func_for(mb)

@@ -163,6 +163,9 @@ def to_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) 
             moe_router_load_balancing_type="aux_loss" if model_cfg.moe_aux_loss_coeff else "none",
             moe_grouped_gemm=te,
             moe_permute_fusion=False,
+            # routing replay (R3): every router gets megatron's RouterReplay; it routes by
+            # itself unless student.routing_replay sets a replay action for a step
+            moe_enable_routing_replay=True,
         )
     return TransformerConfig(**kw)
 

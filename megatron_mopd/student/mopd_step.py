@@ -31,6 +31,7 @@ How the global batch becomes the single-process gradient, whatever the layout:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -160,6 +161,7 @@ def _micro_batch(
         "valid_B": take(torch.ones(batch.size), 0.0),
         "teacher_topk_ids_B_T_K": take(batch.teacher_topk_ids_B_T_K, 0),
         "teacher_topk_logprobs_B_T_K": take(batch.teacher_topk_logprobs_B_T_K, 0.0),
+        "routed_experts_B_T_X": take(batch.routed_experts_B_T_X, -1),
     }
     return MicroBatch(
         tokens_B_T=take(batch.tokens_B_T, pad_id),
@@ -291,7 +293,9 @@ def mopd_train_step(
     `pack_sequences` (`train.pack_sequences`, Transformer Engine only, untested) runs each
     of them packed in one THD row. Returns `train_step`'s output (`loss`, `grad_norm`,
     `skipped`, `lr`) with the MOPD statistics as means over all domains and per domain
-    (see `summarize`).
+    (see `summarize`). When the batch carries the rollout engine's routed experts:
+    `routing_mismatch_frac`, the fraction of (token, MoE layer) pairs the student routed
+    differently (0 under `loss.routing_replay`, which replays them: `student.routing_replay`).
     """
     pgs = unwrap_model(model_chunks[0]).pg_collection
     micro_batches = micro_batches_for_rank(
@@ -305,13 +309,65 @@ def mopd_train_step(
         dp_group=pgs.dp,
     )
     loss_fn = MopdLoss(cfg, batch.domains, batch.size)
+    # routing replay (R3) / routing comparison, when the rollouts carry routed experts
+    replay = _routing_replay(model_chunks, batch, cfg)
+    hook = replay.set_micro_batch if replay is not None else None
+    with replay if replay is not None else contextlib.nullcontext():
+        out = _train(
+            model_chunks,
+            optimizer,
+            micro_batches,
+            loss_fn,
+            cfg,
+            batch,
+            scheduler,
+            hook,
+            pack_sequences,
+        )
+    if replay is not None:
+        differ, compared = replay.mismatch()
+        if compared:
+            out["routing_mismatch_frac"] = differ / compared
+    return summarize(out, batch.domains)
+
+
+def _routing_replay(model_chunks: list[Any], batch: TrainBatch, cfg: LossConfig):
+    """A `RoutingReplay` when the batch carries routed experts (None otherwise);
+    `loss.routing_replay` without them, or without MoE routers, is a config error."""
+    from megatron_mopd.student.routing_replay import RoutingReplay, moe_routers
+
+    if batch.routed_experts_B_T_X is None:
+        if cfg.routing_replay:
+            raise ConfigError(
+                "loss.routing_replay=true, but the rollout engine returned no routed experts "
+                "(SGLang servers need --enable-return-routed-experts)"
+            )
+        return None
+    if not moe_routers(model_chunks):
+        if cfg.routing_replay:
+            raise ConfigError("loss.routing_replay=true needs an MoE student (no MoE router)")
+        return None
+    return RoutingReplay(model_chunks, replay=cfg.routing_replay)
+
+
+def _train(
+    model_chunks,
+    optimizer,
+    micro_batches,
+    loss_fn,
+    cfg,
+    batch,
+    scheduler,
+    before_forward,
+    pack_sequences,
+):
     if needs_topk(cfg, batch):
         if batch.teacher_topk_ids_B_T_K is None or batch.teacher_topk_logprobs_B_T_K is None:
             raise ConfigError(
                 "loss.estimator (or a loss.per_domain override) is a top-k estimator but the "
                 "teachers returned no top-k log-probs: set teachers.<name>.top_k > 0"
             )
-        out = train_step(
+        return train_step(
             model_chunks,
             optimizer,
             micro_batches,
@@ -319,14 +375,14 @@ def mopd_train_step(
             scheduler=scheduler,
             logprobs_fn=topk_logprobs,
             pack_sequences=pack_sequences,
+            before_forward=before_forward,
         )
-    else:
-        out = train_step(
-            model_chunks,
-            optimizer,
-            micro_batches,
-            loss_fn,
-            scheduler=scheduler,
-            pack_sequences=pack_sequences,
-        )
-    return summarize(out, batch.domains)
+    return train_step(
+        model_chunks,
+        optimizer,
+        micro_batches,
+        loss_fn,
+        scheduler=scheduler,
+        pack_sequences=pack_sequences,
+        before_forward=before_forward,
+    )

@@ -198,6 +198,7 @@ def train_step(
     scheduler: Any = None,
     logprobs_fn: LogprobsFn | None = None,
     pack_sequences: bool = False,
+    before_forward: Callable[[MicroBatch], None] | None = None,
 ) -> dict[str, Any]:
     """Forward and backward over `micro_batches`, then one optimizer step.
 
@@ -212,6 +213,8 @@ def train_step(
     log-probs of a teacher's top-k ids (`student.mopd_step.topk_logprobs`): `output` is
     the last stage's output (logits shard, or hidden states with chunked logits) and
     `head.gather_logprobs(output, ids)` turns it into log-probs (`logprobs.OutputHead`).
+    `before_forward(micro_batch)` runs just before each micro-batch's forward (routing
+    replay sets the routers' targets there, `student.routing_replay`).
     """
     inner = unwrap_model(model_chunks[0])
     pgs = inner.pg_collection
@@ -237,9 +240,15 @@ def train_step(
         return loss_func
 
     if pack_sequences:
-        stored = run_packed_schedule(model_chunks, micro_batches, loss_func_for)
+        stored = run_packed_schedule(model_chunks, micro_batches, loss_func_for, before_forward)
     else:
-        stored = run_schedule(model_chunks, micro_batches, loss_func_for, forward_only=False)
+        stored = run_schedule(
+            model_chunks,
+            micro_batches,
+            loss_func_for,
+            forward_only=False,
+            before_forward=before_forward,
+        )
 
     if _grads_nonfinite(model_chunks):
         optimizer.zero_grad()
@@ -268,6 +277,7 @@ def run_packed_schedule(
     model_chunks: list[Any],
     micro_batches: list[MicroBatch],
     loss_func_for: Callable[[MicroBatch], Callable[[torch.Tensor], tuple]],
+    before_forward: Callable[[MicroBatch], None] | None = None,
 ) -> list[dict[str, Any]]:
     """`run_schedule` (training) with every micro-batch packed into one THD row
     (`micro_batches.pack_micro_batch`, `PackedSeqParams`); the loss functions get the
@@ -294,6 +304,8 @@ def run_packed_schedule(
 
     def forward_step(data_iterator: Any, model: Any):
         mb, tokens, positions, params = next(data_iterator)
+        if before_forward is not None:
+            before_forward(mb)
         for name in ("cu_seqlens_q", "cu_seqlens_kv"):
             setattr(params, name, getattr(params, name).to(device))
         output = model(tokens.to(device), positions.to(device), None, packed_seq_params=params)
