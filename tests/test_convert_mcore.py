@@ -282,7 +282,8 @@ def test_checkpoint_folder(runs: ConvertRuns):
     with open(os.path.join(folder, MODEL_FILE)) as f:
         meta = json.load(f)
     assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION
-    assert meta["saved_layout"] == {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "world_size": 1}
+    layout = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "world_size": 1, "padded_vocab_size": 128}
+    assert meta["saved_layout"] == layout
     assert meta["params_dtype"] == "fp32"
     assert any(n.endswith(".distcp") for n in meta["files"]) and "metadata.json" in meta["files"]
     for fn in ("tokenizer.json", "config.json", "metadata.json"):

@@ -53,11 +53,17 @@ def test_distributed_sync_forms_its_group_at_start_up(monkeypatch):
     calls = []
 
     class FakeEngine:
-        def __init__(self, rc):
+        def __init__(self, rc, **kwargs):
             self.urls = rc.urls
 
         def init_weights_update_group(self, address, port, ranks_per_server=1, backend=None):
             calls.append((address, port, ranks_per_server, backend))
+
+        def check_dtype(self, dtype):
+            assert dtype == "fp32"
+
+        def close(self):
+            pass
 
     monkeypatch.setattr(sglang_rollout, "SGLangRolloutEngine", FakeEngine)
     rollout = ["rollout.backend=sglang", "rollout.urls=[http://a:1,http://b:1]"]

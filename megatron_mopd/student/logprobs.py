@@ -333,8 +333,9 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, real: int) -> torch.Tensor:
     """`[n, V/tp]` logits of a chunk (float32, or float64), computed in the weight's dtype
-    as megatron's output layer does, padded columns set to -inf."""
-    z = torch.matmul(hidden, weight.t()).to(_compute_dtype(weight))
+    as megatron's output layer does (hidden states in another dtype, e.g. an fp32 final
+    norm beside bf16 weights, are cast to it), padded columns set to -inf."""
+    z = torch.matmul(hidden.to(weight.dtype), weight.t()).to(_compute_dtype(weight))
     if real < z.shape[-1]:
         z[:, real:] = -math.inf
     return z
