@@ -319,6 +319,7 @@ def test_rollouts_return_routed_experts(real_sglang):
     layers x top-2; they are (up to near-ties) transformers' own fp32 routing of
     prompt + response[:-1]."""
     import transformers
+
     from megatron_mopd.rollout.hf_engine import routed_experts_hooks
 
     engine = SGLangRolloutEngine(

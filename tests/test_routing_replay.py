@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_mopd.rollout.hf_engine import HFEngine, routed_experts_hooks  # noqa: E402
-from megatron_mopd.toy.tiny import make_tiny_hf_model  # noqa: E402
-
 from megatron_mopd.batch import build_train_batch  # noqa: E402
 from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine  # noqa: E402
+from megatron_mopd.rollout.hf_engine import HFEngine, routed_experts_hooks  # noqa: E402
+from megatron_mopd.toy.tiny import make_tiny_hf_model  # noqa: E402
 from megatron_mopd.types import SamplingParams, ScoreResult  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "replay_cases.py")
@@ -181,9 +180,9 @@ def test_sglang_routed_experts_answer_is_decoded():
     import base64
 
     import numpy as np
-    from megatron_mopd.sglang.answers import check_generation
 
     from megatron_mopd.rollout.sglang import _decode_routed_experts
+    from megatron_mopd.sglang.answers import check_generation
 
     ids = np.arange(5 * 2 * 2, dtype=np.int32).reshape(5, 2, 2) % 16
     b64 = base64.b64encode(ids.tobytes()).decode()
