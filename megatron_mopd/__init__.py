@@ -38,6 +38,14 @@ KNOWN_DEPENDENCY_WARNINGS: tuple[tuple[str, str, type[Warning], str], ...] = (
         "megatron-core's own default `cuda_graph_scope='full'` (TransformerConfig), which our "
         "model section does not expose: every TransformerConfig built here warns",
     ),
+    (
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        r"torch\.distributed\.c10d_logger$",
+        FutureWarning,
+        "torch 2.13 deprecates the collectives megatron-core 0.16.1 gathers and scatters with (sequence- "
+        "and vocabulary-parallel gathers, the distributed optimizer); this project's code "
+        "does not call it, so `mopd logprobs --tp 2` and TP/DP training would warn once",
+    ),
 )
 
 

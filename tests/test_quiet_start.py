@@ -56,3 +56,25 @@ def test_known_warnings_are_silenced_and_real_ones_show():
     for message in KNOWN:
         assert message not in err, err
     assert "a real megatron warning" in err and "a real warning of ours" in err, err
+
+
+GATHER = (  # the deprecated collective megatron-core calls, in a one-process gloo group
+    "import os, torch, torch.distributed as dist\n"
+    "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+    "dist.init_process_group('gloo', rank=0, world_size=1, init_method='tcp://127.0.0.1:0')\n"
+    "out = torch.empty(2)\n"
+    "dist.all_gather_into_tensor(out, torch.ones(2))\n"
+    "dist.reduce_scatter_tensor(torch.empty(2), torch.ones(2))\n"
+    "dist.destroy_process_group()\n"
+)
+
+
+def test_torch_collective_deprecations_silenced():
+    messages = [
+        f"`torch.distributed.{n}` is deprecated"
+        for n in ("all_gather_into_tensor", "reduce_scatter_tensor")
+    ]
+    err = _stderr(GATHER)  # the control
+    assert all(m in err for m in messages), err
+    quiet = _stderr("import megatron_mopd\n" + GATHER)
+    assert not any(m in quiet for m in messages), quiet
