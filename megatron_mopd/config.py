@@ -292,9 +292,19 @@ class RolloutConfig:
     batch_size: int = 16
     retry_backoff_seconds: float = 0.5
     startup_timeout_seconds: float = 600.0
+    # one-step off-policy: while step k trains, the rollouts of step k+1 are sampled (and
+    # scored as they complete) from older weights; IcePop's ratio corrects the staleness
+    overlap: bool = False
+    # the most optimizer steps a trained sample's weights may lag behind the student's
+    # (with overlap: how many batches are sampled ahead; 1 = one-step off-policy)
+    max_staleness: int = 1
+    # embedded backend: run the engine in a child process (its own core), so sampling
+    # overlaps training; auto = on when `overlap` is
+    embedded_subprocess: Literal["auto", "on", "off"] = "auto"
 
     def validate(self, path: str) -> None:
         _positive(self, "n_samples_per_prompt", path)
+        _positive(self, "max_staleness", path)
         _positive(self, "max_new_tokens", path)
         if self.temperature != 1.0:
             # MOPD needs log mu at temperature 1 (SGLang scales output log-probs by it): refuse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 
 from megatron_mopd.types import Rollout, SamplingParams
 
@@ -13,6 +14,16 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """One `Rollout` per prompt, in order (repeat a prompt for several samples)."""
+
+    def generate_stream(
+        self, prompts: list[list[int]], sampling: SamplingParams
+    ) -> Iterator[tuple[list[int], list[Rollout]]]:
+        """The rollouts of `generate`, in pieces as they complete: yields (indices into
+        `prompts`, their rollouts); the pieces cover every prompt once. Backends that
+        sample in batches yield each batch when it is done, so teacher scoring can start
+        on it (the default yields everything at once). Concatenated in index order they
+        equal `generate(prompts, sampling)`."""
+        yield list(range(len(prompts))), self.generate(prompts, sampling)
 
     @abc.abstractmethod
     def update_weights_from_disk(self, hf_dir: str, weight_version: str) -> None:
