@@ -48,10 +48,13 @@ class StepFailure:
 class Prompts:
     """The training prompts (tokenised) and their resumable sampler.
 
-    `draws` counts the calls of `next_prompts` (one per step, set to the step on resume),
-    so a checkpoint of step `s` can store the sampler as it was after `s` draws even when
-    step `s + 1` has drawn its prompts and then failed (`state_after`).
+    `draws` counts the calls of `next_prompts` (one per step, set on resume). The sampler's
+    state after each of the last draws is kept, so a checkpoint of step `s` can store it
+    as it was after `s` draws although later steps have drawn their prompts already
+    (a failed step, or the steps sampled ahead with `rollout.overlap`): `state_after`.
     """
+
+    KEEP_STATES = 16
 
     def __init__(self, records: list[PromptRecord], ids: list[list[int]], seed: int, shuffle: bool):
         self.records = records
@@ -59,27 +62,27 @@ class Prompts:
         self.sampler = PromptSampler(len(records), seed, shuffle)
         self.domains = sorted({r.domain for r in records})
         self.draws = 0
-        self._before_last_draw = self.sampler.state()
+        self._states = {0: self.sampler.state()}
 
     def next_prompts(self, k: int) -> list[int]:
         """Indices of the next `k` prompts."""
-        self._before_last_draw = self.sampler.state()
+        out = self.sampler.next(k)
         self.draws += 1
-        return self.sampler.next(k)
+        self._states[self.draws] = self.sampler.state()
+        self._states.pop(self.draws - self.KEEP_STATES, None)
+        return out
 
     def state_after(self, draws: int) -> dict:
-        """The sampler's state after `draws` draws (the current one or the one before)."""
-        if draws == self.draws:
-            return self.sampler.state()
-        if draws == self.draws - 1:
-            return self._before_last_draw
-        raise ValueError(f"sampler state after {draws} draws is gone (now at {self.draws})")
+        """The sampler's state after `draws` draws (one of the last `KEEP_STATES`)."""
+        if draws not in self._states:
+            raise ValueError(f"sampler state after {draws} draws is gone (now at {self.draws})")
+        return self._states[draws]
 
     def resumed_at(self, state: dict, draws: int) -> None:
         """Continue from a checkpoint's sampler `state`, taken after `draws` draws."""
         self.sampler.load_state(state)
         self.draws = draws
-        self._before_last_draw = self.sampler.state()
+        self._states = {draws: self.sampler.state()}
 
 
 class Run:
@@ -93,6 +96,7 @@ class Run:
         self.data: Prompts | None = None
         self.eval_data: Prompts | None = None
         self.engine = None
+        self.producer = None  # the driver's pipeline.BatchProducer
         self.router = None
         self.reward_fns: dict[str, Any] = {}
         self.logger = None
@@ -185,6 +189,9 @@ class Run:
         cfg = self.cfg
         self.router = TeacherRouter.from_config(cfg)
         self.engine = build_rollout_engine(cfg, hf_path=self.student.hf_dir)
+        from megatron_mopd.pipeline import BatchProducer
+
+        self.producer = BatchProducer(self, depth=self.overlap_depth)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -192,9 +199,19 @@ class Run:
                 total=cfg.train.max_steps, desc="mopd", unit="step", file=sys.stderr
             )
 
+    @property
+    def overlap_depth(self) -> int:
+        """Steps sampled ahead of the training one: `rollout.max_staleness` with
+        `rollout.overlap`, else 0 (on-policy)."""
+        rc = self.cfg.rollout
+        return rc.max_staleness if rc.overlap else 0
+
     # ---------------------------------------------------------------- stages
-    def rollout(self, prompt_index: list[int], step: int) -> list[Rollout]:
-        """Sample `rollout.n_samples_per_prompt` responses per prompt (consecutive)."""
+    def rollout_request(
+        self, prompt_index: list[int], step: int
+    ) -> tuple[list[list[int]], SamplingParams]:
+        """The engine's prompts (each repeated `rollout.n_samples_per_prompt` times, in a
+        row) and sampling settings of `step` (its seed derived from train.seed and step)."""
         rc = self.cfg.rollout
         n = rc.n_samples_per_prompt
         prompts = [self.data.ids[i] for i in prompt_index for _ in range(n)]
@@ -209,19 +226,28 @@ class Run:
             stop_token_ids=stop,
             seed=step_seed(self.cfg.train.seed, step),
         )
-        return self.engine.generate(prompts, sampling)
+        return prompts, sampling
 
-    def _domains(self, prompt_index: list[int]) -> list[str]:
+    def rollout(self, prompt_index: list[int], step: int) -> list[Rollout]:
+        """Sample `rollout.n_samples_per_prompt` responses per prompt (consecutive)."""
+        return self.engine.generate(*self.rollout_request(prompt_index, step))
+
+    def domains_of(self, prompt_index: list[int]) -> list[str]:
+        """The domain of every rollout of these prompts (in `rollout_request`'s order)."""
         n = self.cfg.rollout.n_samples_per_prompt
         return [self.data.records[i].domain for i in prompt_index for _ in range(n)]
 
-    def score(self, rollouts: list[Rollout], prompt_index: list[int]) -> list[ScoreResult]:
-        """The domain teacher's log-probs of every response token."""
+    def score_rollouts(self, rollouts: list[Rollout], domains: list[str]) -> list[ScoreResult]:
+        """Each domain teacher's log-probs of its rollouts' response tokens."""
         requests = [
             ScoreRequest(input_ids=r.prompt_ids + r.response_ids, response_start=len(r.prompt_ids))
             for r in rollouts
         ]
-        return self.router.score(requests, self._domains(prompt_index))
+        return self.router.score(requests, domains)
+
+    def score(self, rollouts: list[Rollout], prompt_index: list[int]) -> list[ScoreResult]:
+        """The domain teacher's log-probs of every response token."""
+        return self.score_rollouts(rollouts, self.domains_of(prompt_index))
 
     def _rewards(self, rollouts: list[Rollout], prompt_index: list[int]) -> torch.Tensor:
         n = self.cfg.rollout.n_samples_per_prompt
@@ -254,7 +280,7 @@ class Run:
 
     def make_batch(self, rollouts, scores, prompt_index, orm) -> TrainBatch:
         """Pack the scored rollouts into the tensors every rank trains on."""
-        domains = self._domains(prompt_index)
+        domains = self.domains_of(prompt_index)
         batch = build_train_batch(
             rollouts, scores, domains, self.data.domains, orm, pad_id=self.pad_id
         )
@@ -262,6 +288,8 @@ class Run:
             "finish_stop_frac": sum(r.finish_reason == "stop" for r in rollouts) / len(rollouts),
             "weight_version": rollouts[0].weight_version if rollouts else "",
         }
+        for d in sorted(set(domains)):  # sequences each domain's teacher scored for this batch
+            extras[f"teacher_sequences/{d}"] = domains.count(d)
         if getattr(self, "_rewards_last", None) is not None:
             rewards = self._rewards_last
             for d_i, d in enumerate(self.data.domains):
@@ -355,9 +383,6 @@ class Run:
         row["lr"] = self.student.current_lr()
         row["skipped"] = not finite or bool(metrics.get("skipped", False))
         row.update({k: v for k, v in batch.extras.items() if k != "weight_version"})
-        if self.router is not None:
-            for d, c in self.router.take_counts().items():
-                row[f"teacher_sequences/{d}"] = c.sequences
         self.logger.log(step, row)
         if self.progress is not None:
             show = {
@@ -382,20 +407,32 @@ class Run:
         return self.nonfinite_in_row >= self.cfg.train.max_consecutive_nonfinite
 
     # ---------------------------------------------------------------- checkpoints
-    def trainer_state(self, step: int) -> dict:
-        """The driver's resumable state besides model and optimizer."""
+    def trainer_state(self, step: int, inflight: list | None = None) -> dict:
+        """The driver's resumable state besides model and optimizer; `inflight`: the
+        rollouts sampled ahead for the next steps, saved beside it (their prompt draws
+        are part of the sampler state)."""
+        draws = step + len(inflight or [])
         return {
             "step": step,
-            # a failed step has drawn its prompts already: a resume must not skip them
-            "sampler": self.data.state_after(step),
+            # a failed step, or the steps sampled ahead, have drawn prompts already: the
+            # sampler is stored as it was after exactly the draws the checkpoint covers
+            "sampler": self.data.state_after(draws),
+            "sampler_draws": draws,
+            "inflight_steps": [x["step"] for x in inflight or []],
             "weight_version": getattr(self.engine, "weight_version", None),
             "nonfinite_in_row": self.nonfinite_in_row,
             "time": time.time(),
         }
 
-    def save(self, step: int) -> None:
-        """Write checkpoint `step` (collective)."""
+    def save(self, step: int, with_inflight: bool = True) -> None:
+        """Write checkpoint `step` (collective); with overlap also the rollouts already
+        sampled for the following steps (`with_inflight`), so a resume is exact."""
         from megatron_mopd.checkpoint import rng_state
+        from megatron_mopd.pipeline import INFLIGHT_FILE
+
+        inflight = None
+        if self.is_driver and self.producer is not None and with_inflight:
+            inflight = self.producer.inflight_state() or None
 
         def write(tmp: str) -> None:
             self.student.save_state(os.path.join(tmp, "mcore"))
@@ -404,8 +441,10 @@ class Run:
                 os.path.join(tmp, f"rank_{self.env.rank:05d}.pt"),
             )
             if self.is_driver:
+                if inflight:
+                    torch.save(inflight, os.path.join(tmp, INFLIGHT_FILE))
                 with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                    json.dump(self.trainer_state(step), f, indent=1)
+                    json.dump(self.trainer_state(step, inflight), f, indent=1)
 
         self.ckpt.save(step, write)
         self.saved_step = step
@@ -421,7 +460,8 @@ class Run:
         step = self.student.step if self.student is not None else 0
         if step and self.saved_step != step and (collective or self.env.world_size == 1):
             try:
-                self.save(step)
+                # what was sampled ahead is not kept: the failed step is sampled afresh
+                self.save(step, with_inflight=False)
             except Exception as e:  # the original error matters more
                 print(f"could not save a checkpoint after the failure: {e}", file=sys.stderr)
         if self.saved_step:
@@ -454,6 +494,7 @@ class Run:
     def resume_or_start(self) -> int:
         """Load the newest valid checkpoint (if any) and sync weights; return its step."""
         from megatron_mopd.checkpoint import set_rng_state
+        from megatron_mopd.pipeline import INFLIGHT_FILE
 
         info = self.ckpt.find_resume()
         step = 0
@@ -463,7 +504,14 @@ class Run:
             self.student.step = step
             with open(os.path.join(info.path, "trainer.json")) as f:
                 state = json.load(f)
-            self.data.resumed_at(state["sampler"], step)
+            draws = state.get("sampler_draws", step)
+            self.data.resumed_at(state["sampler"], draws)
+            inflight_path = os.path.join(info.path, INFLIGHT_FILE)
+            if self.is_driver and state.get("inflight_steps"):
+                # sampled before the checkpoint from weights this run no longer has: they
+                # are trained on as the uninterrupted run did (whatever rollout.overlap
+                # says now), so the resumed run stays the same
+                self.producer.restore(torch.load(inflight_path, weights_only=False))
             self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
             self.saved_step = step
             rank_file = os.path.join(info.path, f"rank_{self.env.rank:05d}.pt")
@@ -483,6 +531,8 @@ class Run:
             self.progress.close()
         if self.logger is not None:
             self.logger.close()
+        if self.producer is not None:
+            self.producer.close()
         if self.router is not None:
             self.router.close()
         if self.engine is not None:

@@ -7,11 +7,15 @@ function or object from the module named after it. Rollout generation, teacher s
 and rewards run on global rank 0 (the "driver", which talks to the inference engine and
 the teachers, as slime's and verl's controllers do); the scored batch is broadcast and
 each data-parallel rank trains on its share through Megatron's schedule. After each
-step the student's weights are pushed to the rollout engine, so rollouts are always
-on-policy up to the train/inference numerical mismatch that IcePop corrects.
+step the student's weights are pushed to the rollout engine, so rollouts are on-policy
+up to the train/inference numerical mismatch that IcePop corrects; with
+`rollout.overlap` the next step's rollouts are sampled (and scored as they come) while
+this step trains, from weights one step older (`pipeline.py`), and IcePop's ratio
+corrects that lag too.
 
 Determinism: sampling seeds are derived from (train.seed, step), and prompts come from a
-resumable sampler, so a run resumed from a checkpoint reproduces the uninterrupted run.
+resumable sampler, so a run resumed from a checkpoint reproduces the uninterrupted run
+(with overlap the checkpoint also holds the rollouts sampled ahead).
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ import contextlib
 import gc
 import math
 import os
-import sys
 import time
-import traceback
 
 from megatron_mopd.config import Config
 from megatron_mopd.errors import TeacherError
@@ -116,31 +118,28 @@ def train(cfg: Config) -> dict:
         if cfg.train.eval_interval and start == 0:
             run.evaluate(0)  # the student before training
         gc_pauses.start()  # set-up's objects frozen: no full-heap collection mid-step
+        depth = run.overlap_depth  # steps sampled ahead (rollout.overlap), 0: on-policy
+        if run.is_driver:
+            run.producer.start(start + 1)
         last: dict = {}
         for step in range(start + 1, cfg.train.max_steps + 1):
             timer = StepTimer()
             batch = None
             if run.is_driver:
-                try:
-                    with timer.stage("rollout"):
-                        prompts = run.data.next_prompts(cfg.train.prompts_per_step)
-                        rollouts = run.rollout(prompts, step)
-                    with timer.stage("teacher"):
-                        scores = run.score(rollouts, prompts)
-                    with timer.stage("reward"):
-                        orm = run.outcome_advantages(rollouts, prompts)
-                    batch = run.make_batch(rollouts, scores, prompts, orm)
-                except TeacherError as e:  # no scores: nothing is trained on this step
-                    batch = StepFailure(step, str(e))
-                except Exception as e:  # e.g. a reward function's bug: every rank stops, saved
-                    traceback.print_exc(file=sys.stderr)
-                    batch = StepFailure(step, f"{type(e).__name__}: {e} (traceback above)")
+                # rollouts -> teachers (streamed: each sampled piece is scored at once) ->
+                # rewards -> batch; with overlap they were sampled while the last step trained
+                with timer.stage("batch"):
+                    batch = run.producer.take(step)
+                    if not isinstance(batch, StepFailure):
+                        run.producer.fill(min(step + depth, cfg.train.max_steps))
             batch = run.broadcast(batch)
             if isinstance(batch, StepFailure):
                 run.stop_after_failure(batch)  # every rank: save the last trained step, raise
             with timer.stage("train"):
                 metrics = run.student.train_on(batch, cfg.loss)
             with timer.stage("weight_sync"):
+                if run.is_driver:  # the steps sampled ahead keep the weights they started with
+                    run.producer.wait_engine()
                 run.sync_weights(step)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 with timer.stage("eval"):
