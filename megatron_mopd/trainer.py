@@ -137,9 +137,10 @@ def train(cfg: Config) -> dict:
                 run.stop_after_failure(batch)  # every rank: save the last trained step, raise
             with timer.stage("train"):
                 metrics = run.student.train_on(batch, cfg.loss)
-            with timer.stage("weight_sync"):
-                if run.is_driver:  # the steps sampled ahead keep the weights they started with
+            if run.is_driver:  # the steps sampled ahead keep the weights they started with
+                with timer.stage("engine_wait"):
                     run.producer.wait_engine()
+            with timer.stage("weight_sync"):
                 run.sync_weights(step)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 with timer.stage("eval"):

@@ -21,6 +21,12 @@ def weight_sync_backend(setting: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def embedded_in_subprocess(cfg: Config) -> bool:
+    """`rollout.embedded_subprocess` resolved: auto = on when `rollout.overlap` is."""
+    setting = cfg.rollout.embedded_subprocess
+    return setting == "on" or (setting == "auto" and cfg.rollout.overlap)
+
+
 def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngine:
     """The engine of `rollout.backend`, imported lazily.
 
@@ -39,7 +45,12 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
                 "rollout.backend=embedded needs the student as a Hugging Face folder: set "
                 "model.hf_path, or export the student and pass its folder"
             )
-        return EmbeddedRolloutEngine(path, seed=cfg.train.seed, dtype=HF_DTYPES[cfg.rollout.dtype])
+        kwargs = {"hf_path": path, "seed": cfg.train.seed, "dtype": HF_DTYPES[cfg.rollout.dtype]}
+        if embedded_in_subprocess(cfg):
+            from megatron_mopd.rollout.engine_process import SubprocessRolloutEngine
+
+            return SubprocessRolloutEngine(kwargs, timeout_seconds=cfg.rollout.timeout_seconds)
+        return EmbeddedRolloutEngine(**kwargs)
     if cfg.rollout.backend == "sglang":
         from megatron_mopd.rollout.sglang import SGLangRolloutEngine
 

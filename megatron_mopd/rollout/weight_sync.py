@@ -74,6 +74,7 @@ def sync_weights(
     """
     from megatron_mopd.convert.hf import export_hf_state_dict
     from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
+    from megatron_mopd.rollout.engine_process import SubprocessRolloutEngine
 
     arch = _architecture(cfg, model_cfg)
     version = weight_version(step)
@@ -82,7 +83,9 @@ def sync_weights(
         raise ValueError("sync_weights: rank 0 (the driver) must hold the rollout engine")
     # every rank decides the same path: non-driver ranks only know the config
     embedded = cfg.rollout.backend == "embedded"
-    if is_driver and embedded != isinstance(engine, EmbeddedRolloutEngine):
+    if is_driver and embedded != isinstance(
+        engine, (EmbeddedRolloutEngine, SubprocessRolloutEngine)
+    ):
         raise ValueError(
             f"sync_weights: rollout.backend={cfg.rollout.backend!r} but the engine is a "
             f"{type(engine).__name__}"
