@@ -15,7 +15,6 @@ exactly (the checkpoint holds the rollouts sampled ahead for the next step).
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -23,11 +22,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import make_tiny_hf_model
 from trainer_helpers import (
     assert_rows_close,
+    build_tiny,
     checkpoints,
-    dataset_lines,
     finish,
     kill_group,
     make_recipe,
@@ -227,16 +225,7 @@ def test_inflight_rollouts_are_rescored_not_resampled():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
-    return {
-        "root": str(root),
-        "student": make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=0),
-        "t_add": make_tiny_hf_model("qwen3_moe", str(root / "t_add"), seed=1),
-        "t_rev": make_tiny_hf_model("qwen3", str(root / "t_rev"), seed=2),
-        "data": str(data),
-    }
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def overlap_recipe(tiny, run_dir: Path) -> dict:

@@ -55,9 +55,9 @@ from trainer_helpers import (
     PY,
     REPO,
     assert_rows_close,
+    build_tiny,
     checkpoints,
     closed_port,
-    dataset_lines,
     finish,
     kill_group,
     main,
@@ -71,8 +71,6 @@ from trainer_helpers import (
     write_recipe,
 )
 
-from megatron_mopd.toy.tiny import make_tiny_hf_model
-
 # --------------------------------------------------------------------------------------
 # fixtures and helpers
 
@@ -80,16 +78,7 @@ from megatron_mopd.toy.tiny import make_tiny_hf_model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     """The models and the dataset, built once for the module."""
-    root = tmp_path_factory.mktemp("tiny")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
-    return {
-        "root": str(root),
-        "student": make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=0),
-        "t_add": make_tiny_hf_model("qwen3_moe", str(root / "t_add"), seed=1),
-        "t_rev": make_tiny_hf_model("qwen3", str(root / "t_rev"), seed=2),
-        "data": str(data),
-    }
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 # --------------------------------------------------------------------------------------

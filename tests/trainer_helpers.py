@@ -33,6 +33,21 @@ def dataset_lines() -> list[dict]:
     return rows
 
 
+def build_tiny(root: Path) -> dict[str, str]:
+    """The tiny recipe's models and dataset under `root` (a module fixture builds it once)."""
+    from megatron_mopd.toy.tiny import make_tiny_hf_model
+
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
+    return {
+        "root": str(root),
+        "student": make_tiny_hf_model("qwen3_moe", str(root / "student"), seed=0),
+        "t_add": make_tiny_hf_model("qwen3_moe", str(root / "t_add"), seed=1),
+        "t_rev": make_tiny_hf_model("qwen3", str(root / "t_rev"), seed=2),
+        "data": str(data),
+    }
+
+
 def make_recipe(tiny: dict[str, str], run_dir: str | os.PathLike, **sections) -> dict:
     """The tiny recipe as a dict; `sections` extend its top-level sections (`teachers`
     is replaced as a whole)."""
