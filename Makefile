@@ -11,11 +11,27 @@ SGLANG_VENV := .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.installed
 SGLANG_INPUTS := tools/install_sglang_cpu.sh $(wildcard patches/sglang_cpu/*.txt patches/sglang_cpu/*.in patches/sglang_cpu/*.py patches/sglang_cpu/sgl_kernel/*.py)
 
-.PHONY: demo demo-sglang ablation test test-all lint format clean install sglang
+.PHONY: demo demo-sglang ablation test test-all lint format clean install sglang trl bench-trl
 
 install: $(STAMP)
 
 sglang: $(SGLANG_STAMP)
+
+# TRL 1.16 for tools/bench_vs_trl.py, in an environment of its own (never in make test)
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+
+trl: $(TRL_STAMP)
+
+$(TRL_STAMP): tools/trl/requirements.txt
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q $(FIND_LINKS) torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q $(FIND_LINKS) -r tools/trl/requirements.txt
+	@$(TRL_VENV)/bin/python -c "import torch; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $(TRL_STAMP)
+
+bench-trl: $(STAMP) $(TRL_STAMP)
+	$(PY) tools/bench_vs_trl.py
 
 $(SGLANG_STAMP): $(SGLANG_INPUTS)
 	bash tools/install_sglang_cpu.sh $(SGLANG_VENV)
@@ -54,4 +70,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix megatron_mopd patches tools tests examples
 
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SGLANG_VENV) $(TRL_VENV) runs .pytest_cache

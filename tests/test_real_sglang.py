@@ -147,6 +147,24 @@ def test_rollouts_match_megatron(real_sglang, tmp_path, capsys):
     assert worst < 1e-4
 
 
+def test_rollouts_stream_from_real_sglang(real_sglang):
+    """The rollout engine's pieces against the real server: every prompt once, in pieces of
+    at least rollout.batch_size, each rollout whole (one log mu per sampled token)."""
+    cfg = RolloutConfig(backend="sglang", urls=[real_sglang["a"].url], batch_size=2)
+    engine = SGLangRolloutEngine(cfg)
+    prompts = [[1, 5 + i, 9] for i in range(7)]
+    try:
+        pieces = list(engine.generate_stream(prompts, SamplingParams(max_new_tokens=5)))
+    finally:
+        engine.close()
+    assert sorted(i for idx, _ in pieces for i in idx) == list(range(7))
+    assert all(len(idx) >= 2 for idx, _ in pieces[:-1]) and len(pieces) >= 2
+    for idx, rolls in pieces:
+        for i, r in zip(idx, rolls):
+            assert r.prompt_ids == prompts[i] and r.response_ids
+            assert len(r.rollout_logprobs) == len(r.response_ids)
+
+
 def test_rollout_dtype_is_checked_against_the_server(real_sglang):
     """rollout.dtype must be the server's --dtype (the test servers run float32)."""
     from megatron_mopd.errors import ConfigError

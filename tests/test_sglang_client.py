@@ -231,6 +231,30 @@ def test_rollout_engine_generate_and_update_weights(server, model_dir, tmp_path)
         srv.stop()
 
 
+def test_rollout_engine_streams_pieces_equal_to_generate(server, model_dir):
+    """generate_stream: pieces of >= batch_size prompts (the last may be smaller) covering
+    every prompt once, as requests complete; joined in index order they equal generate's
+    rollouts (seeds are the whole call's, whatever the completion order)."""
+    srv = InProcessServer(model_dir, seed=0)
+    cfg = RolloutConfig(backend="sglang", urls=[srv.url], batch_size=3)
+    engine = SGLangRolloutEngine(cfg)
+    try:
+        prompts = [[1, 10 + i % 4, 11] for i in range(10)]
+        sp = SamplingParams(max_new_tokens=4, seed=5)
+        pieces = list(engine.generate_stream(prompts, sp))
+        sizes = [len(idx) for idx, _ in pieces]
+        assert sorted(i for idx, _ in pieces for i in idx) == list(range(10))
+        assert all(n >= 3 for n in sizes[:-1]) and sum(sizes) == 10 and len(pieces) > 1
+        joined = dict(i_r for idx, rolls in pieces for i_r in zip(idx, rolls))
+        want = engine.generate(prompts, sp)
+        assert [joined[i].response_ids for i in range(10)] == [r.response_ids for r in want]
+        assert [joined[i].prompt_ids for i in range(10)] == prompts
+        assert list(engine.generate_stream([], sp)) == []
+    finally:
+        engine.close()
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------- faults
 
 

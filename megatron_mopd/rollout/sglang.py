@@ -22,6 +22,10 @@ are honoured, each prompt goes as its own request with its own seed (derived fro
 they are ignored, prompts go `rollout.batch_size` per request without seeds, and the
 engine says once that rollouts are not reproducible.
 
+Streaming: `generate_stream` yields the rollouts in pieces of at least `rollout.batch_size`
+prompts as their requests come back (`SGLangClient.generate_iter`), so the trainer's
+producer starts teacher scoring while the servers still sample (`rollout.overlap`).
+
 Weight sync, three ways, each to every worker (behind a router: the workers it lists in
 `GET /workers`, since sglang-router 0.3.2 forwards no weight endpoint):
 - `update_weights_from_disk(hf_dir, version)`: every worker reloads an HF folder (a shared
@@ -51,7 +55,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from megatron_mopd.config import RolloutConfig
 from megatron_mopd.errors import ConfigError, TeacherError, UserError
@@ -180,8 +184,21 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """One `Rollout` per prompt, in order, with log mu of every sampled token."""
+        out: list[Rollout | None] = [None] * len(prompts)
+        for idx, rolls in self.generate_stream(prompts, sampling):
+            for i, r in zip(idx, rolls):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def generate_stream(
+        self, prompts: list[list[int]], sampling: SamplingParams
+    ) -> Iterator[tuple[list[int], list[Rollout]]]:
+        """The rollouts in pieces of at least `rollout.batch_size` prompts (the last may be
+        smaller), each yielded as soon as its requests have come back, so that teacher
+        scoring starts while the servers still sample. Seeds are those of the whole call:
+        the same rollouts as `generate`, whatever the order in which requests finish."""
         if not prompts:
-            return []
+            return
         base = {
             "max_new_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
@@ -191,6 +208,8 @@ class SGLangRolloutEngine(RolloutEngine):
             "skip_special_tokens": False,
             "no_stop_trim": True,
         }
+        piece: list[int] = []
+        rolls: list[Rollout] = []
         try:
             if sampling.seed is None or not self.seeds_honoured():
                 params: dict | list[dict] = base
@@ -198,33 +217,33 @@ class SGLangRolloutEngine(RolloutEngine):
                 seeds = _request_seeds(sampling.seed, len(prompts))
                 params = [dict(base, sampling_seed=s) for s in seeds]
             if self.return_routed_experts:  # the router would drop the field
-                gens = self.workers.generate(
-                    prompts,
-                    params,
-                    batch_size=self.cfg.batch_size,
-                    extra={"return_routed_experts": True},
-                )
+                client, extra = self.workers, {"return_routed_experts": True}
             else:
-                gens = self.client.generate(prompts, params, batch_size=self.cfg.batch_size)
+                client, extra = self.client, None
+            for lo, hi, gens in client.generate_iter(prompts, params, self.cfg.batch_size, extra):
+                piece += range(lo, hi)
+                rolls += [self._rollout(prompts[i], g) for i, g in zip(range(lo, hi), gens)]
+                if len(piece) >= self.cfg.batch_size:
+                    yield piece, rolls
+                    piece, rolls = [], []
         except TeacherError as e:
             raise TeacherError(f"rollout engine: {e}") from None
-        rollouts = []
-        for prompt, g in zip(prompts, gens):
-            version = str(g.weight_version)
-            rollouts.append(
-                Rollout(
-                    prompt_ids=list(prompt),
-                    response_ids=g.output_ids,
-                    rollout_logprobs=g.logprobs,
-                    finish_reason=g.finish_reason["type"],
-                    weight_version=version,
-                    routed_experts=_decode_routed_experts(
-                        g.routed_experts, len(prompt) + len(g.output_ids) - 1
-                    ),
-                )
-            )
-            self._version = version
-        return rollouts
+        if piece:
+            yield piece, rolls
+
+    def _rollout(self, prompt: list[int], g) -> Rollout:
+        version = str(g.weight_version)
+        self._version = version
+        return Rollout(
+            prompt_ids=list(prompt),
+            response_ids=g.output_ids,
+            rollout_logprobs=g.logprobs,
+            finish_reason=g.finish_reason["type"],
+            weight_version=version,
+            routed_experts=_decode_routed_experts(
+                g.routed_experts, len(prompt) + len(g.output_ids) - 1
+            ),
+        )
 
     @property
     def workers(self) -> SGLangClient:

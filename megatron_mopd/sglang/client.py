@@ -55,7 +55,7 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -423,39 +423,46 @@ class SGLangClient:
         progress: Callable[[int], None] | None,
     ) -> list:
         """Run `run(request_no, lo, hi, cancel)` over batches concurrently, in order."""
+        results: list[list | None] = [None] * len(range(0, n_items, max(1, int(batch_size))))
+        for r, lo, hi, part in self._map_iter(n_items, batch_size, run):
+            results[r] = part
+            if progress:
+                progress(hi - lo)
+        return [x for part in results for x in part]
+
+    def _map_iter(
+        self,
+        n_items: int,
+        batch_size: int,
+        run: Callable[[int, int, int, threading.Event], list],
+    ) -> Iterator[tuple[int, int, int, list]]:
+        """`run(request_no, lo, hi, cancel)` over batches of `batch_size` items, up to
+        `max_in_flight` at once: yields `(request_no, lo, hi, result)` as each completes.
+        The first failure cancels the rest and raises; so does closing the iterator."""
         batch_size = max(1, int(batch_size))
         bounds = [(lo, min(lo + batch_size, n_items)) for lo in range(0, n_items, batch_size)]
-        if not bounds:
-            return []
         cancel = threading.Event()
-        if len(bounds) == 1 or self.max_in_flight == 1:
-            out = []
+        if len(bounds) <= 1 or self.max_in_flight == 1:
             for r, (lo, hi) in enumerate(bounds):
-                out.extend(run(r, lo, hi, cancel))
-                if progress:
-                    progress(hi - lo)
-            return out
+                yield r, lo, hi, run(r, lo, hi, cancel)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="sglang-http")
         futures: dict[Future, int] = {
             self._pool.submit(run, r, lo, hi, cancel): r for r, (lo, hi) in enumerate(bounds)
         }
-        results: list[list | None] = [None] * len(bounds)
         pending = set(futures)
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    results[futures[f]] = f.result()  # raises the first failure
-                    if progress:
-                        lo, hi = bounds[futures[f]]
-                        progress(hi - lo)
+                for f in sorted(done, key=futures.__getitem__):
+                    r = futures[f]
+                    yield r, *bounds[r], f.result()  # raises the first failure
         except BaseException:
             cancel.set()
             for f in pending:
                 f.cancel()
             raise
-        return [x for part in results for x in part]
 
     # ---------------------------------------------------------------- scoring
 
@@ -531,6 +538,22 @@ class SGLangClient:
         prompt per request since sglang-router accepts only one `sampling_params` object
         per request; the server batches concurrent requests itself.
         """
+        results: dict[int, list[Generation]] = {}
+        for lo, hi, gens in self.generate_iter(prompts, sampling_params, batch_size, extra):
+            results[lo] = gens
+            if progress:
+                progress(hi - lo)
+        return [g for lo in sorted(results) for g in results[lo]]
+
+    def generate_iter(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: dict | Sequence[dict],
+        batch_size: int = 16,
+        extra: dict | None = None,
+    ) -> Iterator[tuple[int, int, list[Generation]]]:
+        """`generate`'s requests as they complete: yields `(lo, hi, generations of
+        prompts[lo:hi])`, in completion order, covering every prompt once."""
         prompts = [list(p) for p in prompts]
         per_item = not isinstance(sampling_params, dict)
         if per_item and len(sampling_params) != len(prompts):
@@ -561,4 +584,5 @@ class SGLangClient:
             )
             return checked
 
-        return self._map(len(prompts), 1 if per_item else batch_size, run, progress)
+        for _, lo, hi, gens in self._map_iter(len(prompts), 1 if per_item else batch_size, run):
+            yield lo, hi, gens
