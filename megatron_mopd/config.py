@@ -343,8 +343,16 @@ class TeacherConfig:
     startup_timeout_seconds: float = 600.0
     # sglang servers started with --api-key: the environment variable holding the key
     api_key_env: str | None = None
+    # embedded backend: score in a child process shared by the embedded teachers, so that
+    # scoring overlaps training; auto = on when `rollout.overlap` is
+    subprocess: Literal["auto", "on", "off"] = "auto"
 
     def validate(self, path: str) -> None:
+        if self.subprocess == "on" and self.backend != "embedded":
+            raise ConfigError(
+                f"{path}.subprocess=on is for embedded teachers (backend={self.backend!r} "
+                "already scores in its servers' processes)"
+            )
         if self.backend == "embedded" and not self.hf_path:
             raise ConfigError(f"{path}.hf_path is required for an embedded teacher")
         if self.backend == "sglang" and not self.urls:

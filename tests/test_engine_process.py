@@ -65,7 +65,7 @@ def test_same_rollouts_as_in_process_and_after_an_update(student):
 
 def test_killed_child_is_a_clear_error_and_close_leaves_nothing(student):
     child = SubprocessRolloutEngine({"hf_path": student, "seed": 3}, timeout_seconds=60)
-    pid = child._proc.pid
+    pid = child.pid
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(
         TeacherError, match=r"embedded rollout engine .*died \(killed by signal 9\)"
@@ -76,7 +76,7 @@ def test_killed_child_is_a_clear_error_and_close_leaves_nothing(student):
         os.kill(pid, 0)
 
     child = SubprocessRolloutEngine({"hf_path": student, "seed": 3})
-    pid = child._proc.pid
+    pid = child.pid
     child.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

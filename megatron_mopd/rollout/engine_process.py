@@ -20,72 +20,50 @@ are the new version (on the demo's toy a sync takes 0.038 s this way, 0.097 s wi
 message per tensor; 0.004 s in one process). A child that dies (killed, out of
 memory) is reported as a `TeacherError` naming the engine and its exit status, whichever
 call was waiting; a child whose parent dies exits on its own (pipe closed, or its parent
-changed). Standard library `multiprocessing` is what carries this; no server is needed.
+changed). The process, pipe and errors are `megatron_mopd.child_process`'s.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import threading
-import time
-import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from megatron_mopd.errors import TeacherError, UserError
+from megatron_mopd.child_process import ChildProcess, child_setup, send_error, serve
 from megatron_mopd.rollout.base import RolloutEngine
 from megatron_mopd.types import Rollout, SamplingParams
 
-_POLL_SECONDS = 0.5
-
 
 def _child_main(conn, engine_kwargs: dict, parent_pid: int) -> None:
-    """The child's loop: build the engine, then answer requests until told to stop."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
+    """The child: build the engine, then answer requests until told to stop."""
+    child_setup()
     from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
 
     try:
         engine = EmbeddedRolloutEngine(**engine_kwargs)
     except BaseException as e:  # reported to the parent, which raises it
-        conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
+        send_error(conn, e)
         return
     conn.send(("ready", engine.weight_version))
-    while True:
-        while not conn.poll(_POLL_SECONDS):
-            if os.getppid() != parent_pid:  # the trainer died: nobody will ask again
-                return
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
+
+    def handle(msg: tuple, send) -> None:
         op = msg[0]
-        try:
-            if op == "stream":
-                for idx, rolls in engine.generate_stream(msg[1], msg[2]):
-                    conn.send(("piece", list(idx), rolls))
-                conn.send(("done", engine.weight_version))
-            elif op == "weights":
-                _, flats, layout, version = msg
-                named = [
-                    (name, flats[dtype][off : off + numel].view(shape))
-                    for name, dtype, off, numel, shape in layout
-                ]
-                engine.update_weights_from_state_dict(named, version)
-                conn.send(("done", engine.weight_version))
-            elif op == "disk":
-                engine.update_weights_from_disk(msg[1], msg[2])
-                conn.send(("done", engine.weight_version))
-            elif op == "close":
-                conn.send(("done", None))
-                return
-            else:
-                conn.send(("error", "ValueError", f"unknown request {op!r}", ""))
-        except BaseException as e:
-            conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
+        if op == "stream":
+            for idx, rolls in engine.generate_stream(msg[1], msg[2]):
+                send(("piece", list(idx), rolls))
+        elif op == "weights":
+            _, flats, layout, version = msg
+            named = [
+                (name, flats[dtype][off : off + numel].view(shape))
+                for name, dtype, off, numel, shape in layout
+            ]
+            engine.update_weights_from_state_dict(named, version)
+        elif op == "disk":
+            engine.update_weights_from_disk(msg[1], msg[2])
+        else:
+            raise ValueError(f"unknown request {op!r}")
+        send(("done", engine.weight_version))
+
+    serve(conn, parent_pid, handle)
 
 
 class SubprocessRolloutEngine(RolloutEngine):
@@ -95,85 +73,45 @@ class SubprocessRolloutEngine(RolloutEngine):
         """Start the child and wait until its engine is loaded. `engine_kwargs` are
         `EmbeddedRolloutEngine`'s; `timeout_seconds` bounds every call."""
         self.hf_path = engine_kwargs.get("hf_path", "")
-        self.timeout = timeout_seconds
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_child_main,
-            args=(child, dict(engine_kwargs), os.getpid()),
+        self._child = ChildProcess(
+            _child_main,
+            (dict(engine_kwargs),),
             name="mopd-rollout-engine",
-            daemon=True,
+            what=f"embedded rollout engine ({self.hf_path})",
+            timeout_seconds=timeout_seconds,
         )
-        self._proc.start()
-        self.pid = self._proc.pid
-        child.close()
-        self._lock = threading.Lock()
-        self._version = "0"
-        try:
-            self._version = self._recv("ready")[1]
-        except BaseException:
-            self.close()
-            raise
+        self.pid = self._child.pid
+        self._version = self._child.ready[1]
 
     @property
     def where(self) -> str:
-        return f"embedded rollout engine ({self.hf_path}, child process {self.pid})"
+        """The engine and its process, for messages."""
+        return self._child.where
 
     @property
     def weight_version(self) -> str:
         """The version of the weights that produce the next rollouts."""
         return self._version
 
-    def _died(self) -> TeacherError:
-        self._proc.join(5)
-        code = self._proc.exitcode
-        how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
-        return TeacherError(f"{self.where} died ({how})")
-
-    def _send(self, msg: tuple) -> None:
-        try:
-            self._conn.send(msg)
-        except OSError:
-            raise self._died() from None
-
-    def _recv(self, *expected: str) -> tuple:
-        """The child's next message; a clear error if it died, failed or went quiet."""
-        end = time.monotonic() + self.timeout
-        try:
-            while not self._conn.poll(_POLL_SECONDS):
-                if not self._proc.is_alive():
-                    raise self._died()
-                if time.monotonic() > end:
-                    raise TeacherError(f"{self.where}: no answer within {self.timeout:.0f} s")
-            msg = self._conn.recv()
-        except (EOFError, OSError):
-            raise self._died() from None
-        if msg[0] == "error":
-            _, kind, text, tb = msg
-            if kind in ("UserError", "ConfigError"):
-                raise UserError(text)
-            raise RuntimeError(f"{self.where}: {kind}: {text}\n{tb}")
-        assert msg[0] in expected, (msg[0], expected)
-        return msg
-
     def generate_stream(
         self, prompts: list[list[int]], sampling: SamplingParams
     ) -> Iterator[tuple[list[int], list[Rollout]]]:
         """The child engine's pieces, each as soon as it has sampled it."""
-        with self._lock:
-            self._send(("stream", [list(p) for p in prompts], sampling))
+        child = self._child
+        with child.lock:
+            child.send(("stream", [list(p) for p in prompts], sampling))
             done = False
             try:
                 while True:
-                    msg = self._recv("piece", "done")
+                    msg = child.recv("piece", "done")
                     if msg[0] == "done":
                         done = True
                         return
                     yield msg[1], msg[2]
             finally:
-                while not done and self._proc.is_alive():  # left early: drain the answer
+                while not done and child.is_alive():  # left early: drain the answer
                     try:
-                        done = self._recv("piece", "done")[0] == "done"
+                        done = child.recv("piece", "done")[0] == "done"
                     except Exception:
                         break
 
@@ -201,33 +139,13 @@ class SubprocessRolloutEngine(RolloutEngine):
             parts.setdefault(t.dtype, []).append(t.detach().reshape(-1))
         # one flat tensor per dtype: one shared-memory segment instead of one per tensor
         flats = {dtype: torch.cat(ts) for dtype, ts in parts.items()}
-        with self._lock:
-            self._send(("weights", flats, layout, weight_version))
-            self._version = self._recv("done")[1]
+        self._version = self._child.call(("weights", flats, layout, weight_version), "done")[1]
 
     def update_weights_from_disk(self, hf_dir: str, weight_version: str) -> None:
         """Reload every weight from an HF folder (in the child)."""
-        with self._lock:
-            self._send(("disk", hf_dir, weight_version))
-            self._version = self._recv("done")[1]
-            self.hf_path = hf_dir
+        self._version = self._child.call(("disk", hf_dir, weight_version), "done")[1]
+        self.hf_path = hf_dir
 
     def close(self) -> None:
         """Stop the child (asked first, then terminated)."""
-        proc = getattr(self, "_proc", None)
-        if proc is None:
-            return
-        if proc.is_alive():
-            try:
-                self._conn.send(("close",))
-                proc.join(10)
-            except (OSError, BrokenPipeError):
-                pass
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        self._conn.close()
-        self._proc = None
+        self._child.close()

@@ -48,15 +48,33 @@ def check_domains(cfg: Config, domains_in_dataset: Iterable[str]) -> None:
         )
 
 
+def teacher_in_subprocess(cfg: Config, tcfg: TeacherConfig) -> bool:
+    """`teachers.<name>.subprocess` resolved: auto = on for an embedded teacher when
+    `rollout.overlap` is."""
+    if tcfg.backend != "embedded" or tcfg.subprocess == "off":
+        return False
+    return tcfg.subprocess == "on" or cfg.rollout.overlap
+
+
 def build_teachers(cfg: Config) -> dict[str, Teacher]:
-    """One `Teacher` per `teachers.<name>`, the backend chosen by `backend`.
+    """One `Teacher` per `teachers.<name>`, the backend chosen by `backend`; the embedded
+    teachers that run in a child process share one (`teachers/process.py`).
 
     Backends are imported only when used: the embedded one pulls in transformers, the
     SGLang one an HTTP client.
     """
     teachers: dict[str, Teacher] = {}
     try:
+        hosted = {n: t for n, t in cfg.teachers.items() if teacher_in_subprocess(cfg, t)}
+        if hosted:
+            from megatron_mopd.teachers.process import SubprocessTeacher, TeacherHost
+
+            timeout = max(t.timeout_seconds for t in hosted.values())
+            host = TeacherHost(hosted, timeout_seconds=timeout)
+            teachers.update({name: SubprocessTeacher(name, host) for name in hosted})
         for name, tcfg in cfg.teachers.items():
+            if name in hosted:
+                continue
             if tcfg.backend == "embedded":
                 from megatron_mopd.teachers.embedded import EmbeddedTeacher
 
