@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         use_cpu=True,
         seed=args.seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     student = AutoModelForCausalLM.from_pretrained(os.path.join(args.toy, "student"))
     trainer = Trainer(
