@@ -11,8 +11,9 @@
 torch thread) holds an `EmbeddedRolloutEngine` built from the given keyword arguments
 (`batch_size` among them: the size of each streamed piece) and answers one request at a
 time over a pipe, so on CPU the second core samples while the trainer's core trains; in
-one process the two would share the interpreter lock and take turns. Same interface and results as the in-process engine: the child runs the same
-code on the same weights with the same seeds.
+one process the two would share the interpreter lock and take turns. Same interface and
+results as the in-process engine: the child runs the same code on the same weights with
+the same seeds.
 
 Weights: the HF-named tensors of the student's export go as one flat tensor per dtype
 plus their names and shapes (torch's multiprocessing pickler moves the flat storage to
