@@ -15,8 +15,8 @@ temperature 1, recording the MoE routing as the trainer's engine does. Arms, alt
 
 Per arm: the median s per call, ms per model step (one forward over the batch: the
 prefill, then one per decode step, so steps = the longest response), the part of it spent
-in the model's forward (timed by hooks) and the rest (sampling and bookkeeping), and the
-ratio of the two arms; all from one run. Then `EmbeddedRolloutEngine.generate` of the
+in the model's forward (timed by hooks) and the rest (sampling and bookkeeping), each
+the median over the calls, and the ratios of the two arms; all from one run. Then `EmbeddedRolloutEngine.generate` of the
 same rows with each `--chunks` batch size (the rollout stage's cost at that
 `rollout.batch_size`). A figure-printing script, not a test.
 """
