@@ -287,8 +287,9 @@ class RolloutConfig:
     drain_timeout_seconds: float = 60.0
     # sglang servers started with --api-key: the environment variable holding the key
     api_key_env: str | None = None
-    # sglang backend: prompts per /generate request, backoff of the first retry (doubles
-    # each time), how long to wait for GET /health_generate at start-up
+    # prompts per request (sglang: per /generate request; embedded: per sampling batch,
+    # each one a piece of the stream with its own seed); sglang backend: backoff of the
+    # first retry (doubles each time), how long to wait for GET /health_generate at start-up
     batch_size: int = 16
     retry_backoff_seconds: float = 0.5
     startup_timeout_seconds: float = 600.0
@@ -316,6 +317,7 @@ class RolloutConfig:
         if self.backend == "sglang" and not self.urls:
             raise ConfigError(f"{path}.urls is empty: the sglang backend needs at least one URL")
         _positive(self, "server_tp_size", path)
+        _positive(self, "batch_size", path)
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(
                 f"{path}.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be > 0"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_mopd.errors import TeacherError
+from megatron_mopd.errors import TeacherError, UserError
 from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine, request_seeds
 from megatron_mopd.rollout.hf_engine import ScoreOutput
 from megatron_mopd.teachers.embedded import EmbeddedTeacher
@@ -97,21 +97,33 @@ def test_teacher_errors_name_the_teacher(models):
         bad.score([ScoreRequest(input_ids=[1, 2, 3, 4], response_start=3)])
 
 
+def key(rollouts):
+    return [(r.response_ids, r.rollout_logprobs, r.finish_reason) for r in rollouts]
+
+
 def test_rollout_seeded_reproducible_and_logprobs_match(models):
     hf_a, _ = models
-    engine = EmbeddedRolloutEngine(hf_a, seed=0)
-    prompts = [[1, 20, 21, 22], [1, 30], [1, 20, 21, 22]]  # a repeated prompt
+    engine = EmbeddedRolloutEngine(hf_a, seed=0, batch_size=2)
+    prompts = [[1, 20, 21, 22], [1, 30], [1, 20, 21, 22], [1, 20, 21, 22], [5]]  # repeats
     sp = SamplingParams(max_new_tokens=12, seed=123)
     first = engine.generate(prompts, sp)
     again = engine.generate(prompts, sp)
-    assert [r.response_ids for r in first] == [r.response_ids for r in again]
-    assert [r.rollout_logprobs for r in first] == [r.rollout_logprobs for r in again]
-    assert first[0].response_ids != first[2].response_ids  # per-request seeds differ
+    assert key(first) == key(again)
+    assert first[0].response_ids != first[2].response_ids != first[3].response_ids  # repeats
     other = engine.generate(prompts, SamplingParams(max_new_tokens=12, seed=124))
     assert [r.response_ids for r in other] != [r.response_ids for r in first]
-    # a request's sample does not depend on what it is batched with
-    alone = engine.generate(prompts[:1], sp)[0]
-    assert alone.response_ids == first[0].response_ids
+    # generate == the chunks of generate_stream, joined; chunk c is seeded by seeds[c]
+    pieces = list(engine.generate_stream(prompts, sp))
+    assert [idx for idx, _ in pieces] == [[0, 1], [2, 3], [4]]
+    assert key([r for _, rolls in pieces for r in rolls]) == key(first)
+    seeds = request_seeds(123, 3)
+    for c, (idx, rolls) in enumerate(pieces):
+        outs = engine.engine.generate([prompts[i] for i in idx], sp, batch_seed=seeds[c])
+        assert [o.output_ids for o in outs] == [r.response_ids for r in rolls]
+    # a fresh engine with another batch_size is still reproducible on its own
+    whole = EmbeddedRolloutEngine(hf_a, seed=0, batch_size=8, engine=engine.engine)
+    assert key(whole.generate(prompts, sp)) == key(whole.generate(prompts, sp))
+    assert len(list(whole.generate_stream(prompts, sp))) == 1
     assert len(set(request_seeds(7, 50))) == 50
 
     import transformers
@@ -126,6 +138,20 @@ def test_rollout_seeded_reproducible_and_logprobs_match(models):
         s = len(r.prompt_ids)
         want = ref[s - 1 :].gather(-1, torch.tensor(r.response_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(r.rollout_logprobs), want, atol=1e-5, rtol=0)
+
+
+def test_unseeded_rollouts_follow_the_engine_seed(models):
+    hf_a, _ = models
+    a = EmbeddedRolloutEngine(hf_a, seed=5, batch_size=2)
+    b = EmbeddedRolloutEngine(hf_a, seed=5, batch_size=2, engine=a.engine)
+    prompts = [[1, 20, 21, 22]] * 3
+    sp = SamplingParams(max_new_tokens=10)
+    a1, a2 = a.generate(prompts, sp), a.generate(prompts, sp)
+    assert key(a1) != key(a2)  # each chunk draws a fresh seed
+    assert key(b.generate(prompts, sp)) == key(a1)  # same engine seed, same sequence
+    with pytest.raises(UserError, match="batch_size=0"):
+        EmbeddedRolloutEngine(hf_a, batch_size=0, engine=a.engine)
+    assert a.generate([], sp) == [] and list(a.generate_stream([], sp)) == []
 
 
 def test_rollout_weight_refresh(models):
@@ -171,8 +197,9 @@ def test_bf16_rollouts_differ_from_the_fp32_forward_as_real_engines_do(models):
     from megatron_mopd.rollout.factory import build_rollout_engine
 
     hf_a, _ = models
-    cfg = load_config(None, [f"model.hf_path={hf_a}", "rollout.dtype=bf16"])
+    cfg = load_config(None, [f"model.hf_path={hf_a}", "rollout.dtype=bf16", "rollout.batch_size=1"])
     engine = build_rollout_engine(cfg)
+    assert engine.batch_size == 1  # the factory passes rollout.batch_size
     assert next(engine.engine.model.parameters()).dtype == torch.bfloat16
     rollouts = engine.generate(
         [[1, 20, 21, 22], [1, 30]], SamplingParams(max_new_tokens=12, seed=3)

@@ -37,12 +37,13 @@ def key(rollouts):
 
 def test_same_rollouts_as_in_process_and_after_an_update(student):
     sampling = SamplingParams(max_new_tokens=5, seed=11)
-    local = EmbeddedRolloutEngine(student, seed=3)
-    child = SubprocessRolloutEngine({"hf_path": student, "seed": 3})
+    local = EmbeddedRolloutEngine(student, seed=3, batch_size=5)
+    child = SubprocessRolloutEngine({"hf_path": student, "seed": 3, "batch_size": 5})
     try:
         want = local.generate(PROMPTS, sampling)
         assert key(child.generate(PROMPTS, sampling)) == key(want)
         pieces = list(child.generate_stream(PROMPTS, sampling))
+        assert [idx for idx, _ in pieces] == [list(range(0, 5)), list(range(5, 10)), [10, 11]]
         joined = [None] * len(PROMPTS)
         for idx, rolls in pieces:
             for i, r in zip(idx, rolls):

@@ -1,7 +1,8 @@
 """The student's rollout engine in-process: a Hugging Face transformers copy of the student.
 
-    engine = EmbeddedRolloutEngine("/path/to/student_hf", seed=1234)
+    engine = EmbeddedRolloutEngine("/path/to/student_hf", seed=1234, batch_size=16)
     rollouts = engine.generate(prompt_ids, SamplingParams(max_new_tokens=32, seed=7))
+    for idx, piece in engine.generate_stream(prompt_ids, sampling): ...   # chunk by chunk
     engine.update_weights_from_state_dict(export_hf_state_dict(model_chunks), "step-3")
 
 It plays SGLang's part on CPU: it samples with `HFEngine.generate` and returns the
@@ -13,17 +14,26 @@ small, train/inference mismatch.
 Log-probs are always the unscaled log_softmax of the logits (SGLang's
 `SGLANG_RETURN_ORIGINAL_LOGPROB=1`); MOPD samples at temperature 1, where the two agree.
 
-Seeds: `SamplingParams.seed` seeds the whole call; prompt i draws from its own generator
-seeded by `request_seeds(seed, n)[i]`, so repeated prompts (several samples per prompt)
-get different samples, and a call is reproducible whatever the batching.
+Batches: prompts are sampled `batch_size` at a time (`rollout.batch_size`), in order;
+`generate_stream` yields each chunk (its indices, its rollouts) as soon as it is done,
+and `generate` is those pieces joined.
+
+Seeds: `SamplingParams.seed` seeds the whole call; chunk c draws all its tokens from one
+generator seeded by `request_seeds(seed, n_chunks)[c]` (`HFEngine.generate`'s
+`batch_seed`: one `torch.multinomial` per decode step for the chunk). So the same seed,
+prompts and `batch_size` give the same rollouts, whatever else happened before, and
+repeated prompts (several samples per prompt) get different samples; a prompt's sample
+does depend on the chunk it is in (its position and its neighbours). With
+`SamplingParams.seed` None each chunk's seed is drawn from the engine's own generator
+(seeded by the engine's `seed`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from megatron_mopd.errors import UserError
@@ -56,12 +66,19 @@ class EmbeddedRolloutEngine(RolloutEngine):
         weight_version: str = "0",
         engine: HFEngine | None = None,
         return_routed_experts: bool = True,
+        batch_size: int = 16,
     ) -> None:
         """Load the student from an HF folder (unless `engine` is given). `seed` seeds the
         draws of calls whose `SamplingParams.seed` is None. `return_routed_experts`: fill
         `Rollout.routed_experts` with the experts the engine's MoE routers chose (in
-        its own dtype; nothing for dense models), for routing replay and its metrics."""
+        its own dtype; nothing for dense models), for routing replay and its metrics.
+        `batch_size`: prompts sampled together (the unit of `generate_stream` and of
+        seeding; the default is `rollout.batch_size`'s)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"embedded rollout engine: batch_size={batch_size!r} must be >= 1")
         self.return_routed_experts = return_routed_experts
+        self.batch_size = batch_size
+        self._rng = random.Random(seed)  # chunk seeds of unseeded calls
         if engine is None:
             from megatron_mopd.rollout.hf_engine import HFEngine
 
@@ -89,25 +106,41 @@ class EmbeddedRolloutEngine(RolloutEngine):
         return self.engine.weight_version
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        """One `Rollout` per prompt, in order, with log mu of every sampled token."""
-        if not prompts:
-            return []
+        """One `Rollout` per prompt, in order, with log mu of every sampled token (the
+        pieces of `generate_stream`, joined)."""
+        return [r for _, piece in self.generate_stream(prompts, sampling) for r in piece]
+
+    def generate_stream(
+        self, prompts: list[list[int]], sampling: SamplingParams
+    ) -> Iterator[tuple[list[int], list[Rollout]]]:
+        """Chunks of `batch_size` prompts in order, each (its indices, its rollouts) as
+        soon as it is sampled; chunk c is seeded by `request_seeds(sampling.seed, .)[c]`."""
+        n_chunks = -(-len(prompts) // self.batch_size)
         if sampling.seed is None:
-            params: SamplingParams | list[SamplingParams] = sampling
+            seeds = [self._rng.getrandbits(63) for _ in range(n_chunks)]
         else:
-            params = [
-                dataclasses.replace(sampling, seed=s)
-                for s in request_seeds(sampling.seed, len(prompts))
-            ]
+            seeds = request_seeds(sampling.seed, n_chunks)
+        for c, seed in enumerate(seeds):
+            lo = c * self.batch_size
+            idx = list(range(lo, min(lo + self.batch_size, len(prompts))))
+            yield idx, self._sample_chunk([prompts[i] for i in idx], sampling, seed, lo)
+
+    def _sample_chunk(
+        self, prompts: list[list[int]], sampling: SamplingParams, seed: int, first: int
+    ) -> list[Rollout]:
+        """One engine call for one chunk; `first` is its first prompt's index (errors)."""
         try:
             outs = self.engine.generate(
-                prompts, params, return_routed_experts=self.return_routed_experts
+                prompts,
+                sampling,
+                return_routed_experts=self.return_routed_experts,
+                batch_seed=seed,
             )
         except ValueError as e:
             raise UserError(f"embedded rollout engine ({self.hf_path}): {e}") from e
         version = self.engine.weight_version
         rollouts = []
-        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        for i, (prompt, out) in enumerate(zip(prompts, outs), start=first):
             if len(out.logprobs) != len(out.output_ids) or not all(
                 math.isfinite(x) for x in out.logprobs
             ):

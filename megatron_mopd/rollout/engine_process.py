@@ -1,6 +1,7 @@
 """The embedded rollout engine in a child process, so that sampling overlaps training.
 
-    engine = SubprocessRolloutEngine({"hf_path": "/path/to/student_hf", "seed": 1234})
+    kwargs = {"hf_path": "/path/to/student_hf", "seed": 1234, "batch_size": 16}
+    engine = SubprocessRolloutEngine(kwargs)      # EmbeddedRolloutEngine(**kwargs) in a child
     for idx, rollouts in engine.generate_stream(prompts, sampling): ...
     engine.update_weights_from_state_dict(named_tensors, "step_3")
     engine.close()
@@ -8,10 +9,11 @@
 `rollout.embedded_subprocess` (auto = on with `rollout.overlap`) selects it in
 `rollout.factory`. The child (multiprocessing's spawn context: a fresh interpreter, one
 torch thread) holds an `EmbeddedRolloutEngine` built from the given keyword arguments
-and answers one request at a time over a pipe, so on CPU the second core samples while
-the trainer's core trains; in one process the two would share the interpreter lock and
-take turns. Same interface and results as the in-process engine: the child runs the same
-code on the same weights with the same seeds.
+(`batch_size` among them: the size of each streamed piece) and answers one request at a
+time over a pipe, so on CPU the second core samples while the trainer's core trains; in
+one process the two would share the interpreter lock and take turns. Same interface and
+results as the in-process engine: the child runs the same code on the same weights with
+the same seeds.
 
 Weights: the HF-named tensors of the student's export go as one flat tensor per dtype
 plus their names and shapes (torch's multiprocessing pickler moves the flat storage to

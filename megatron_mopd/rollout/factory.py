@@ -45,7 +45,12 @@ def build_rollout_engine(cfg: Config, hf_path: str | None = None) -> RolloutEngi
                 "rollout.backend=embedded needs the student as a Hugging Face folder: set "
                 "model.hf_path, or export the student and pass its folder"
             )
-        kwargs = {"hf_path": path, "seed": cfg.train.seed, "dtype": HF_DTYPES[cfg.rollout.dtype]}
+        kwargs = {
+            "hf_path": path,
+            "seed": cfg.train.seed,
+            "dtype": HF_DTYPES[cfg.rollout.dtype],
+            "batch_size": cfg.rollout.batch_size,
+        }
         if embedded_in_subprocess(cfg):
             from megatron_mopd.rollout.engine_process import SubprocessRolloutEngine
 

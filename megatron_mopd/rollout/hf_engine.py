@@ -24,12 +24,17 @@ API (stable; the server and the embedded backends rely on it):
   distribution that predicts position s + j (None at position 0). Sequences are
   right-padded and run in batches of at most `max_batch_tokens` padded tokens; with a
   causal mask, right padding cannot change the real tokens' results.
-- `generate(prompts, sampling, stop_strs=None, ignore_eos=False)` -> `list[GenerateOutput]`.
-  `sampling` is one `SamplingParams` for all prompts or one per prompt. Prompts are
-  left-padded and decoded together with a KV cache. Sampling: logits / temperature, then
-  top-k, then top-p (nucleus), then a draw with a per-request `torch.Generator` seeded by
-  `SamplingParams.seed` (so a seeded request gives the same tokens whatever it is batched
-  with; unseeded requests draw from the engine's generator). `temperature < 1e-5` or
+- `generate(prompts, sampling, stop_strs=None, ignore_eos=False, *, batch_seed=None)` ->
+  `list[GenerateOutput]`. `sampling` is one `SamplingParams` for all prompts or one per
+  prompt. Prompts are left-padded and decoded together with a KV cache. Sampling
+  (`rollout/sampling.py`, vectorised over the batch; rows may differ in every setting):
+  logits / temperature, then top-k, then top-p (nucleus), then the draw. Without
+  `batch_seed` each request draws from its own `torch.Generator` seeded by
+  `SamplingParams.seed` (so a seeded request gives the same tokens whatever it is
+  batched with, as SGLang's per-request seeds do; unseeded requests draw from the
+  engine's generator). With `batch_seed` the whole call draws from one generator seeded
+  with it, one `torch.multinomial` per decode step (the same prompts, settings and seed
+  give the same tokens; a row's tokens depend on its batch). `temperature < 1e-5` or
   `top_k == 1` is greedy (argmax). Generation stops at `max_new_tokens`, at a token of
   `stop_token_ids`, at EOS (unless `ignore_eos`), or when the decoded output contains one
   of `stop_strs` (needs a tokenizer in the folder); the stop token is kept in
@@ -60,9 +65,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_mopd.rollout.sampling import RowParams, draw, token_logprobs
+from megatron_mopd.rollout.sampling import truncate as _truncate  # noqa: F401 (tests, old name)
 from megatron_mopd.types import SamplingParams
-
-_GREEDY_EPS = 1e-5
 
 
 @dataclass
@@ -272,9 +277,15 @@ class HFEngine:
         stop_strs: Sequence[Sequence[str]] | None = None,
         ignore_eos: bool | Sequence[bool] = False,
         return_routed_experts: bool = False,
+        *,
+        batch_seed: int | None = None,
     ) -> list[GenerateOutput]:
         """Sample continuations of `prompts` (see the module docstring).
 
+        `batch_seed`: draw every sampled token of the call from one generator seeded with
+        it (one `torch.multinomial` per decode step; `SamplingParams.seed` is ignored), so
+        the same prompts, settings and seed give the same outputs; None: each request
+        draws from its own generator (`SamplingParams.seed`, else the engine's).
         `return_routed_experts`: also record, per token fed to the model (the prompt and
         every sampled token but the last), the experts each MoE layer's router chose, in
         this engine's dtype (`GenerateOutput.routed_experts`; None for dense models)."""
@@ -292,16 +303,24 @@ class HFEngine:
         if n == 0:
             return []
         with self._lock, torch.inference_mode():
-            gens = [_make_generator(sp.seed, self._rng) for sp in params]
+            if batch_seed is None:
+                draws: torch.Generator | list[torch.Generator] = [
+                    _make_generator(sp.seed, self._rng) for sp in params
+                ]
+            else:
+                draws = torch.Generator().manual_seed(batch_seed % (2**63))
             if not return_routed_experts:
-                return self._generate(prompts, params, stops, ignore, gens)
+                return self._generate(prompts, params, stops, ignore, draws)
             with routed_experts_hooks(self.model) as steps:
-                outputs = self._generate(prompts, params, stops, ignore, gens)
+                outputs = self._generate(prompts, params, stops, ignore, draws)
             if steps.num_layers:
                 _attach_routed_experts(outputs, prompts, steps.per_call())
             return outputs
 
-    def _generate(self, prompts, params, stops, ignore, gens) -> list[GenerateOutput]:
+    def _generate(self, prompts, params, stops, ignore, draws) -> list[GenerateOutput]:
+        """Left-padded prefill, then one decode step per token for the whole batch. Ids,
+        log-probs and finish flags stay tensors until the end; only rows with stop
+        strings are checked in Python (they need the decoded text)."""
         from transformers import DynamicCache
 
         n = len(prompts)
@@ -312,17 +331,20 @@ class HFEngine:
             ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             mask[r, width - len(p) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        temps = torch.tensor([_temperature(sp) for sp in params], dtype=torch.float32)[:, None]
-        greedy = [_is_greedy(sp) for sp in params]
-        stop_ids = [
-            set(sp.stop_token_ids) | (set() if ignore[r] else self.eos_token_ids)
-            for r, sp in enumerate(params)
-        ]
-        outputs = [GenerateOutput([], [], "length") for _ in range(n)]
-        active = [sp.max_new_tokens > 0 for sp in params]
+        rows = RowParams.build(params, ignore, self.eos_token_ids, self.return_original_logprob)
+        batch_gen = draws if isinstance(draws, torch.Generator) else None
+        gens = None if batch_gen is not None else draws
+        str_rows = [r for r in range(n) if stops[r]]
+        steps = int(rows.max_new.max())
+        out_ids = torch.zeros((n, steps), dtype=torch.long)
+        out_lp = torch.zeros((n, steps), dtype=torch.float32)
+        lengths = torch.zeros(n, dtype=torch.long)
+        active = rows.max_new > 0
+        matched_tok = torch.full((n,), -1, dtype=torch.long)
+        matched_str: dict[int, str] = {}
         cache = DynamicCache()
-        step_ids, step_pos = ids, pos
-        while any(active):
+        step_ids, step_pos, t = ids, pos, 0
+        while bool(active.any()):
             logits = (
                 self.model(
                     input_ids=step_ids,
@@ -334,42 +356,25 @@ class HFEngine:
                 .logits[:, -1, :]
                 .float()
             )
-            next_ids = self._sample(logits, temps, params, greedy, gens)
-            raw_lp = torch.log_softmax(logits, dim=-1)
-            scaled_lp = torch.log_softmax(logits / temps, dim=-1)
-            for r in range(n):
-                if not active[r]:
-                    continue
-                tok = int(next_ids[r])
-                use_raw = greedy[r] or self.return_original_logprob
-                lp = (raw_lp if use_raw else scaled_lp)[r, tok].item()
-                out = outputs[r]
-                out.output_ids.append(tok)
-                out.logprobs.append(lp)
-                if tok in stop_ids[r]:
-                    out.finish_reason, out.matched, active[r] = "stop", tok, False
-                elif stops[r] and (hit := self._stop_str_hit(out.output_ids, stops[r])):
-                    out.finish_reason, out.matched, active[r] = "stop", hit, False
-                elif len(out.output_ids) >= params[r].max_new_tokens:
+            next_ids = draw(logits, rows, batch_gen, gens)
+            out_ids[:, t] = next_ids
+            out_lp[:, t] = token_logprobs(logits, next_ids, rows)
+            lengths += active
+            hit = active & (next_ids[:, None] == rows.stop_ids).any(dim=-1)
+            matched_tok = torch.where(hit, next_ids, matched_tok)
+            active &= ~hit
+            for r in str_rows:
+                if active[r] and (s := self._stop_str_hit(out_ids[r, : t + 1].tolist(), stops[r])):
+                    matched_str[r] = s
                     active[r] = False
-            if not any(active):
+            active &= lengths < rows.max_new
+            t += 1
+            if not bool(active.any()):
                 break
             step_ids = next_ids[:, None]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
-        return outputs
-
-    def _sample(self, logits, temps, params, greedy, gens) -> torch.Tensor:
-        """One token per row: greedy rows take the argmax, others sample (top-k, top-p)."""
-        next_ids = logits.argmax(dim=-1)
-        rows = [r for r, g in enumerate(greedy) if not g]
-        if not rows:
-            return next_ids
-        probs = torch.softmax(logits[rows] / temps[rows], dim=-1)
-        for j, r in enumerate(rows):
-            p = _truncate(probs[j], params[r].top_k, params[r].top_p)
-            next_ids[r] = torch.multinomial(p, 1, generator=gens[r])[0]
-        return next_ids
+        return _outputs(out_ids, out_lp, lengths, matched_tok, matched_str)
 
     def _stop_str_hit(self, output_ids: list[int], stops: list[str]) -> str | None:
         text = self.tokenizer.decode(output_ids, skip_special_tokens=False)
@@ -489,14 +494,6 @@ def _load_tokenizer(hf_dir: str):
         return None
 
 
-def _is_greedy(sp: SamplingParams) -> bool:
-    return sp.temperature < _GREEDY_EPS or sp.top_k == 1
-
-
-def _temperature(sp: SamplingParams) -> float:
-    return 1.0 if _is_greedy(sp) else float(sp.temperature)
-
-
 def _check_sampling(sp: SamplingParams, index: int) -> None:
     if sp.max_new_tokens < 0:
         raise ValueError(f"request {index}: max_new_tokens={sp.max_new_tokens} must be >= 0")
@@ -516,16 +513,16 @@ def _make_generator(seed: int | None, rng: torch.Generator) -> torch.Generator:
     return g
 
 
-def _truncate(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Zero the probabilities outside the top-k and the top-p nucleus (not renormalised;
-    `torch.multinomial` accepts unnormalised weights)."""
-    if top_k > 0 and top_k < probs.numel():
-        kth = probs.topk(top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cum = sorted_p.cumsum(0) / sorted_p.sum()
-        drop = (cum - sorted_p / sorted_p.sum()) >= top_p  # mass before this token >= top_p
-        sorted_p = torch.where(drop, torch.zeros_like(sorted_p), sorted_p)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return probs
+def _outputs(out_ids, out_lp, lengths, matched_tok, matched_str) -> list[GenerateOutput]:
+    """`_generate`'s tensors as one `GenerateOutput` per row (converted to lists once)."""
+    ids, lps, lens, toks = out_ids.tolist(), out_lp.tolist(), lengths.tolist(), matched_tok.tolist()
+    outputs = []
+    for r, length in enumerate(lens):
+        if r in matched_str:
+            reason, matched = "stop", matched_str[r]
+        elif toks[r] >= 0:
+            reason, matched = "stop", toks[r]
+        else:
+            reason, matched = "length", None
+        outputs.append(GenerateOutput(ids[r][:length], lps[r][:length], reason, matched))
+    return outputs

@@ -39,7 +39,7 @@ def evaluate_folder(hf_dir: str, eval_jsonl: str, max_new_tokens: int, domains=N
     from megatron_mopd.rollout.embedded import EmbeddedRolloutEngine
     from megatron_mopd.types import SamplingParams
 
-    engine = EmbeddedRolloutEngine(hf_dir, seed=0)
+    engine = EmbeddedRolloutEngine(hf_dir, seed=0, batch_size=1024)  # the eval set: one batch
     tok = engine.tokenizer
     records = [r for r in load_prompts(eval_jsonl) if domains is None or r.domain in domains]
     ids = tokenize_prompts(records, tok)
