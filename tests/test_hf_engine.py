@@ -235,7 +235,7 @@ def test_batched_stops_and_routed_experts(engine):
 
 
 def test_batched_draws_follow_the_truncated_distribution():
-    """One generator, one multinomial per step over rows with different settings: each
+    """One generator, one draw per step over rows with different settings: each
     row's frequencies fit softmax(logits / T) renormalised over its kept tokens."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
     settings = [  # (temperature, top_k, top_p, kept tokens)

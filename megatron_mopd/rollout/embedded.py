@@ -20,7 +20,7 @@ and `generate` is those pieces joined.
 
 Seeds: `SamplingParams.seed` seeds the whole call; chunk c draws all its tokens from one
 generator seeded by `request_seeds(seed, n_chunks)[c]` (`HFEngine.generate`'s
-`batch_seed`: one `torch.multinomial` per decode step for the chunk). So the same seed,
+`batch_seed`: one draw per decode step for the whole chunk). So the same seed,
 prompts and `batch_size` give the same rollouts, whatever else happened before, and
 repeated prompts (several samples per prompt) get different samples; a prompt's sample
 does depend on the chunk it is in (its position and its neighbours). With

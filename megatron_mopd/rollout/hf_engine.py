@@ -33,7 +33,7 @@ API (stable; the server and the embedded backends rely on it):
   `SamplingParams.seed` (so a seeded request gives the same tokens whatever it is
   batched with, as SGLang's per-request seeds do; unseeded requests draw from the
   engine's generator). With `batch_seed` the whole call draws from one generator seeded
-  with it, one `torch.multinomial` per decode step (the same prompts, settings and seed
+  with it, one inverse-CDF draw over all rows per decode step (the same prompts, settings and seed
   give the same tokens; a row's tokens depend on its batch). `temperature < 1e-5` or
   `top_k == 1` is greedy (argmax). Generation stops at `max_new_tokens`, at a token of
   `stop_token_ids`, at EOS (unless `ignore_eos`), or when the decoded output contains one
@@ -283,7 +283,7 @@ class HFEngine:
         """Sample continuations of `prompts` (see the module docstring).
 
         `batch_seed`: draw every sampled token of the call from one generator seeded with
-        it (one `torch.multinomial` per decode step; `SamplingParams.seed` is ignored), so
+        it (one draw over all rows per decode step; `SamplingParams.seed` is ignored), so
         the same prompts, settings and seed give the same outputs; None: each request
         draws from its own generator (`SamplingParams.seed`, else the engine's).
         `return_routed_experts`: also record, per token fed to the model (the prompt and
