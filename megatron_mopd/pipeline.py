@@ -3,8 +3,8 @@
     producer = BatchProducer(run, depth=1)       # depth 0: on-policy, 1: one-step off-policy
     producer.start(first_step)
     batch = producer.take(step)                  # TrainBatch (or StepFailure) of `step`
-    producer.fill(step + depth)                  # the next steps sample while `step` trains
     producer.wait_engine()                       # before a weight sync: sampling has finished
+    producer.fill(step + 1 + depth)              # after it: the next steps sample meanwhile
 
 Every step's rollouts are sampled by one background thread (the engine is never driven by
 two threads at once) through `RolloutEngine.generate_stream`; each piece is handed to the
@@ -12,13 +12,15 @@ teachers as soon as it is sampled (a small thread pool: HTTP waits, or an embedd
 teacher's torch kernels), so scoring overlaps the rest of the sampling ("streaming
 scoring"). The outcome rewards and the batch tensors are built on the caller's thread.
 
-Overlap (`rollout.overlap`, depth = `rollout.max_staleness`): once step s is taken, the
-rollouts of steps s + 1 .. s + depth are in flight, so while step s trains the engine samples step s + 1
-from the weights it holds (those of step s - 1). The trainer calls `wait_engine()` before
-each weight sync, so a step's rollouts always come from the weights of exactly `depth`
-steps before; each rollout carries its weight version and IcePop's ratio (train now vs
-the engine's log mu) corrects the lag. Without overlap (depth 0) the same code samples
-each step's rollouts right when it needs them, from the newest weights.
+Overlap (`rollout.overlap`, depth = `rollout.max_staleness`): right after the weight sync
+of step s the trainer submits the steps up to s + 1 + depth, so the engine samples step
+s + 1 + depth from the weights of step s while the teachers score step s + 1 and the
+student trains it. `wait_engine()` before each weight sync keeps a step's rollouts from
+one version of the weights, at most `depth` optimizer steps behind the student's (logged
+as `rollout/staleness`: 0 on the first depth + 1 steps, then depth); each rollout carries
+its weight version and IcePop's ratio (train now vs the engine's log mu) corrects the
+lag. Without overlap (depth 0) the same code samples each step's rollouts right when it
+needs them, from the newest weights.
 
 Exact resume: a checkpoint of step s holds the rollouts already sampled for the steps
 after it (`inflight_state`, written next to `trainer.json`), together with the prompt
@@ -95,8 +97,8 @@ class BatchProducer:
     # ------------------------------------------------------------------ submitting
     def fill(self, upto: int) -> None:
         """Make sure the rollouts of every step up to `upto` are in flight, submitting
-        the missing ones in step order (the trainer calls `fill(s)` before taking step
-        `s` and `fill(s + depth)` right after, so those sample while `s` trains)."""
+        the missing ones in step order (`take(s)` fills up to `s`; with overlap the
+        trainer fills up to `s + 1 + depth` after the weight sync of step `s`)."""
         nxt = self.queue[-1].step + 1 if self.queue else self.next_step
         while nxt <= upto:
             self.queue.append(self._submit(nxt))

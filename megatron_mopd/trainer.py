@@ -130,8 +130,6 @@ def train(cfg: Config) -> dict:
                 # rewards -> batch; with overlap they were sampled while the last step trained
                 with timer.stage("batch"):
                     batch = run.producer.take(step)
-                    if not isinstance(batch, StepFailure):
-                        run.producer.fill(min(step + depth, cfg.train.max_steps))
             batch = run.broadcast(batch)
             if isinstance(batch, StepFailure):
                 run.stop_after_failure(batch)  # every rank: save the last trained step, raise
@@ -142,6 +140,9 @@ def train(cfg: Config) -> dict:
                     run.producer.wait_engine()
             with timer.stage("weight_sync"):
                 run.sync_weights(step)
+            if run.is_driver and depth:  # with overlap: the next steps sample from these
+                # weights now, beside the scoring of step + 1 and its training
+                run.producer.fill(min(step + 1 + depth, cfg.train.max_steps))
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 with timer.stage("eval"):
                     run.evaluate(step)

@@ -2,13 +2,14 @@
 
 Units (a scripted engine and teachers, no models): each sampled piece is scored while the
 engine is still sampling the next; steps are submitted in order and taken one by one;
-the weight sync waits for the sampling in flight; with overlap the rollouts of step s
-come from the weights of step s - 1 - depth (staleness = depth); an engine or teacher
+the weight sync waits for the sampling in flight; with overlap the steps up to
+s + 1 + depth are submitted after the sync of step s, so their rollouts come from weights
+at most depth steps old (staleness = depth after the first depth + 1 steps); an engine or teacher
 failure becomes the step's `StepFailure` (the teacher's message kept); the checkpoint's
 in-flight rollouts are scored again, not sampled again, after a restore.
 
 End to end (the tiny recipe of `test_trainer.py`, `rollout.overlap: true`): the logged
-staleness is 0 on the first step and 1 after; SIGKILL after a checkpoint and the same
+staleness is 0 on the first two steps and 1 after; SIGKILL after a checkpoint and the same
 command again give metrics and eval rows equal to an uninterrupted overlapped run's,
 exactly (the checkpoint holds the rollouts sampled ahead for the next step).
 """
@@ -148,20 +149,21 @@ def test_overlap_samples_ahead_from_older_weights():
     staleness, prompts = [], []
     try:
         producer.start(1)
-        for step in range(1, 5):
+        for step in range(1, 6):
             batch = producer.take(step)
-            producer.fill(min(step + 1, 4))
             # "training" of `step` here; then the sync, after the sampling in flight
             producer.wait_engine()
             engine.weight_version = f"step_{step}"
+            producer.fill(min(step + 2, 5))  # the trainer's schedule: step + 1 + depth
             staleness.append(batch.extras["rollout/staleness"])
             prompts.append(batch.prompt_index[0])
-            assert {r.weight_version for r in batch.rollouts} == {f"step_{max(0, step - 2)}"}
+            sampled_with = 0 if step == 1 else max(1, step - 2)
+            assert {r.weight_version for r in batch.rollouts} == {f"step_{sampled_with}"}
     finally:
         producer.close()
-    assert staleness == [0, 1, 1, 1]
-    assert prompts == [10, 20, 30, 40]  # prompts drawn once per step, in step order
-    assert run.draws == [10, 20, 30, 40]  # never beyond the last step
+    assert staleness == [0, 0, 1, 1, 1]
+    assert prompts == [10, 20, 30, 40, 50]  # prompts drawn once per step, in step order
+    assert run.draws == [10, 20, 30, 40, 50]  # never beyond the last step
 
 
 def test_failures_become_the_steps_failure():
@@ -258,7 +260,7 @@ def test_overlapped_run_resumes_exactly(tiny, tmp_path):
     finish(reference, tmp_path / "ref.log")
 
     rows = metrics(ref_dir)
-    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1, 1, 1, 1]
+    assert [r["rollout/staleness"] for r in rows] == [0, 0, 1, 1, 1, 1]
     assert_rows_close(metrics(run_dir), rows, tol=0.0)
     assert_rows_close(metrics(run_dir, "eval.jsonl"), metrics(ref_dir, "eval.jsonl"), tol=0.0)
     assert checkpoints(run_dir) == checkpoints(ref_dir)
