@@ -8,9 +8,14 @@ into a `TeacherError` naming the teacher, where it runs and the offending reques
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import torch
 
 from megatron_mopd.errors import TeacherError
 from megatron_mopd.types import ScoreRequest, ScoreResult
+
+MAX_LOGPROB = 1e-4  # a log-prob above this is not a log-prob (float32 rounding allowed)
 
 
 def check_score_requests(where: str, requests: list[ScoreRequest]) -> None:
@@ -24,10 +29,15 @@ def check_score_requests(where: str, requests: list[ScoreRequest]) -> None:
 
 
 def check_score_results(
-    where: str, requests: list[ScoreRequest], results: list[ScoreResult], top_k: int = 0
+    where: str,
+    requests: list[ScoreRequest],
+    results: list[ScoreResult],
+    top_k: int = 0,
+    vocab_size: int | None = None,
 ) -> None:
     """Check one `ScoreResult` per request, one finite log-prob (<= 0) per response token,
-    and k finite top-k entries per token when `top_k > 0`. `where` names the teacher."""
+    and, when `top_k > 0`, `[n, top_k]` top-k tensors: int64 ids in [0, vocab_size)
+    (`vocab_size` None: >= 0), finite log-probs <= 0. `where` names the teacher."""
     if len(results) != len(requests):
         raise TeacherError(f"{where}: returned {len(results)} results for {len(requests)} requests")
     for i, (req, res) in enumerate(zip(requests, results)):
@@ -37,26 +47,49 @@ def check_score_results(
                 f"{where}: request {i} has {n} response tokens but {len(res.logprobs)} log-probs"
             )
         for t, lp in enumerate(res.logprobs):
-            if lp is None or not math.isfinite(lp) or lp > 1e-4:
+            if lp is None or not math.isfinite(lp) or lp > MAX_LOGPROB:
                 raise TeacherError(
                     f"{where}: request {i} token {t} (id {req.input_ids[req.response_start + t]})"
                     f" has log-prob {lp!r}; expected a finite value <= 0"
                 )
         if top_k > 0:
-            if res.top_ids is None or res.top_logprobs is None:
-                raise TeacherError(f"{where}: request {i}: top-{top_k} log-probs were not returned")
-            if len(res.top_ids) != n or len(res.top_logprobs) != n:
-                raise TeacherError(
-                    f"{where}: request {i} has {n} response tokens but top-k lists of length "
-                    f"{len(res.top_ids)} / {len(res.top_logprobs)}"
-                )
-            for t, (ids, lps) in enumerate(zip(res.top_ids, res.top_logprobs)):
-                if len(ids) != top_k or len(lps) != top_k:
-                    raise TeacherError(
-                        f"{where}: request {i} token {t}: {len(ids)} top ids / {len(lps)} top "
-                        f"log-probs, expected {top_k}"
-                    )
-                if any(lp is None or not math.isfinite(lp) for lp in lps):
-                    raise TeacherError(
-                        f"{where}: request {i} token {t}: non-finite top-k log-prob in {lps!r}"
-                    )
+            check_top_k(f"{where}: request {i}", n, res.top_ids, res.top_logprobs, top_k, vocab_size)
+
+
+def check_top_k(
+    where: str, n: int, ids: Any, lps: Any, top_k: int, vocab_size: int | None = None
+) -> None:
+    """Check one sequence's top-k: `ids` an int64 and `lps` a floating `[n, top_k]` tensor,
+    ids in [0, vocab_size) and log-probs finite and <= 0; vectorised, naming the first bad
+    token on failure."""
+    if ids is None or lps is None:
+        raise TeacherError(f"{where}: top-{top_k} log-probs were not returned")
+    if not isinstance(ids, torch.Tensor) or not isinstance(lps, torch.Tensor):
+        raise TeacherError(
+            f"{where}: top-k ids / log-probs must be tensors [n, k], got "
+            f"{type(ids).__name__} / {type(lps).__name__}"
+        )
+    if ids.dtype != torch.int64 or not lps.is_floating_point():
+        raise TeacherError(
+            f"{where}: top-k ids / log-probs have dtypes {ids.dtype} / {lps.dtype}; "
+            f"expected int64 / a floating type"
+        )
+    if ids.dim() != 2 or lps.dim() != 2 or len(ids) != n or len(lps) != n:
+        raise TeacherError(
+            f"{where} has {n} response tokens but top-k of shapes "
+            f"{list(ids.shape)} / {list(lps.shape)}"
+        )
+    if ids.shape[1] != top_k or lps.shape[1] != top_k:
+        raise TeacherError(
+            f"{where}: {ids.shape[1]} top ids / {lps.shape[1]} top log-probs per token, "
+            f"expected {top_k}"
+        )
+    for bad, what in ((~torch.isfinite(lps), "non-finite"), (lps > MAX_LOGPROB, "positive")):
+        if bad.any():
+            t = int(bad.any(dim=-1).nonzero()[0, 0])
+            raise TeacherError(f"{where} token {t}: {what} top-k log-prob in {lps[t].tolist()!r}")
+    bad = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        t = int(bad.any(dim=-1).nonzero()[0, 0])
+        span = "[0, vocab)" if vocab_size is None else f"[0, {vocab_size})"
+        raise TeacherError(f"{where} token {t}: top-k id outside {span} in {ids[t].tolist()!r}")
