@@ -84,8 +84,8 @@ def test_top_k_equals_transformers(real_sglang, seqs):
         for s, st, out in zip(seqs, starts, scored):
             lp = torch.log_softmax(model(torch.tensor([s])).logits[0], dim=-1)[st - 1 : len(s) - 1]
             values, ids = lp.topk(5, dim=-1)
-            assert out.top_ids == ids.tolist()
-            worst = max(worst, (torch.tensor(out.top_logprobs) - values).abs().max().item())
+            assert out.top_ids.dtype == torch.int64 and torch.equal(out.top_ids, ids)
+            worst = max(worst, (out.top_logprobs - values).abs().max().item())
     assert worst < 1e-5
 
 
