@@ -51,7 +51,10 @@ def fast_check(data, seqs, sent_start, starts, top_k=0):
     if got is None:
         return None
     _, logprobs, tops = got
-    return [(lp, *_lists(*(top if tops else (None, None)))) for lp, top in zip(logprobs, tops or logprobs)]
+    return [
+        (lp, *_lists(*(top if tops else (None, None))))
+        for lp, top in zip(logprobs, tops or logprobs)
+    ]
 
 
 def test_fast_path_agrees_with_the_entry_by_entry_check():

@@ -53,7 +53,9 @@ def check_score_results(
                     f" has log-prob {lp!r}; expected a finite value <= 0"
                 )
         if top_k > 0:
-            check_top_k(f"{where}: request {i}", n, res.top_ids, res.top_logprobs, top_k, vocab_size)
+            check_top_k(
+                f"{where}: request {i}", n, res.top_ids, res.top_logprobs, top_k, vocab_size
+            )
 
 
 def check_top_k(
