@@ -121,14 +121,16 @@ def loss_overrides(recipe: str, estimator: str, top_k: int, overrides: list[str]
 
 def compare(args: argparse.Namespace, recipe: str) -> None:
     """Time each estimator of `--loss` (and each checkout of `--pythonpath`) in its own
-    child process, alternating, `--rounds` times; print s/step and the ratios to the
-    first estimator."""
+    child process, alternating, `--rounds` times; print the median over rounds of each
+    one's s/step (whole step and the teacher / train / overhead stages) and the ratio of
+    its step to the first estimator's."""
     import subprocess
 
     losses = args.loss.split(",")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = args.pythonpath.split(",") if args.pythonpath else [here]
-    walls: dict[tuple[str, str], list[float]] = {}
+    cols = ("wall", "teacher", "train", "overhead")
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         for r in range(args.rounds):
@@ -142,15 +144,21 @@ def compare(args: argparse.Namespace, recipe: str) -> None:
                     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                     with open(out) as f:
                         rows = json.load(f)
-                    wall = statistics.mean(x["time/wall"] for x in rows)
-                    walls.setdefault((tree, loss), []).append(wall)
-                    print(f"round {r}: {tree} {loss}: {wall:.4f} s/step", flush=True)
-    print(f"{'checkout':<28}{'loss':<18}{'s/step (mean of rounds)':>24}{'ratio':>8}")
+                    t = {c: statistics.mean(x.get(f"time/{c}", 0.0) for x in rows) for c in cols}
+                    runs.setdefault((tree, loss), []).append(t)
+                    figures = ", ".join(f"{c} {v:.4f}" for c, v in t.items())
+                    print(f"round {r}: {tree} {loss}: {figures} s/step", flush=True)
+    print(f"medians over {args.rounds} rounds, s/step; ratio: step / {losses[0]}'s step")
+    print(f"{'checkout':<28}{'loss':<18}" + "".join(f"{c:>10}" for c in cols) + f"{'ratio':>8}")
     for tree in trees:
-        base = statistics.mean(walls[(tree, losses[0])])
+        med = {
+            loss: {c: statistics.median(t[c] for t in runs[(tree, loss)]) for c in cols}
+            for loss in losses
+        }
         for loss in losses:
-            w = statistics.mean(walls[(tree, loss)])
-            print(f"{tree:<28}{loss:<18}{w:>24.4f}{w / base:>8.3f}")
+            figures = "".join(f"{med[loss][c]:>10.4f}" for c in cols)
+            ratio = med[loss]["wall"] / med[losses[0]]["wall"]
+            print(f"{tree:<28}{loss:<18}{figures}{ratio:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
