@@ -59,9 +59,18 @@ train: {{prompts_per_step: 16, micro_batch_size: 32, lr: 1.0e-4, lr_warmup_steps
 
 def timed_run(recipe: str, steps: int, warmup: int, overrides: list[str]) -> list[dict]:
     """Train `steps` steps of `recipe` in this process; the metrics rows after `warmup`."""
+    import time
+
     from megatron_mopd.config import load_config
+    from megatron_mopd.logger import MetricsLogger
     from megatron_mopd.trainer import train
 
+    log = MetricsLogger.log
+
+    def log_with_cpu(self, step, metrics, kind="train"):  # this process's CPU seconds so far
+        log(self, step, {**metrics, "bench/cpu": time.process_time()}, kind)
+
+    MetricsLogger.log = log_with_cpu  # (the CPU time is steadier than the wall on a busy host)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
         cfg = load_config(
@@ -79,7 +88,10 @@ def timed_run(recipe: str, steps: int, warmup: int, overrides: list[str]) -> lis
         )
         train(cfg)
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    rows = rows[warmup:]
+    MetricsLogger.log = log
+    for prev, row in zip(rows, rows[1:]):
+        row["time/cpu"] = row["bench/cpu"] - prev["bench/cpu"]
+    rows = rows[max(warmup, 1) :]
     if not rows:
         sys.exit("no steps left after the warm-up: raise --steps")
     return rows
@@ -94,6 +106,8 @@ def print_table(label: str, rows: list[dict]) -> None:
         t = statistics.mean(r.get(f"time/{stage}", 0.0) for r in rows)
         print(f"{stage:<14}{t:>10.4f}{t / wall:>9.1%}")
     print(f"{'step (wall)':<14}{wall:>10.4f}{1:>9.0%}")
+    cpu = statistics.mean(r["time/cpu"] for r in rows)
+    print(f"{'step (CPU)':<14}{cpu:>10.4f}  (this process, all threads)")
     tokens = sum(r["response_tokens"] for r in rows)
     seconds = sum(r["time/wall"] for r in rows)
     print(f"end-to-end: {tokens / seconds:.1f} response tokens/s")
@@ -122,14 +136,14 @@ def loss_overrides(recipe: str, estimator: str, top_k: int, overrides: list[str]
 def compare(args: argparse.Namespace, recipe: str) -> None:
     """Time each estimator of `--loss` (and each checkout of `--pythonpath`) in its own
     child process, alternating, `--rounds` times; print the median over rounds of each
-    one's s/step (whole step and the teacher / train / overhead stages) and the ratio of
-    its step to the first estimator's."""
+    one's s/step (the step's wall and CPU time, the teacher / train / overhead stages) and
+    the ratios of its step's wall and CPU time to the first estimator's."""
     import subprocess
 
     losses = args.loss.split(",")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = args.pythonpath.split(",") if args.pythonpath else [here]
-    cols = ("wall", "teacher", "train", "overhead")
+    cols = ("wall", "cpu", "teacher", "train", "overhead")
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
@@ -148,8 +162,9 @@ def compare(args: argparse.Namespace, recipe: str) -> None:
                     runs.setdefault((tree, loss), []).append(t)
                     figures = ", ".join(f"{c} {v:.4f}" for c, v in t.items())
                     print(f"round {r}: {tree} {loss}: {figures} s/step", flush=True)
-    print(f"medians over {args.rounds} rounds, s/step; ratio: step / {losses[0]}'s step")
-    print(f"{'checkout':<28}{'loss':<18}" + "".join(f"{c:>10}" for c in cols) + f"{'ratio':>8}")
+    print(f"medians over {args.rounds} rounds, s/step; ratios: step / {losses[0]}'s step")
+    head = "".join(f"{c:>10}" for c in cols) + f"{'ratio':>8}{'cpu ratio':>11}"
+    print(f"{'checkout':<28}{'loss':<18}{head}")
     for tree in trees:
         med = {
             loss: {c: statistics.median(t[c] for t in runs[(tree, loss)]) for c in cols}
@@ -158,7 +173,8 @@ def compare(args: argparse.Namespace, recipe: str) -> None:
         for loss in losses:
             figures = "".join(f"{med[loss][c]:>10.4f}" for c in cols)
             ratio = med[loss]["wall"] / med[losses[0]]["wall"]
-            print(f"{tree:<28}{loss:<18}{figures}{ratio:>8.3f}")
+            cpu = med[loss]["cpu"] / med[losses[0]]["cpu"]
+            print(f"{tree:<28}{loss:<18}{figures}{ratio:>8.3f}{cpu:>11.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,7 +166,7 @@ def _token_logprobs(
 
 def _top_rows(
     arrays: list[bytes], seqs: list[list[int]], sent_start: int, starts: list[int], k: int
-) -> list[tuple[list, list]] | None:
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Each sequence's top-k rows from its start on as `[n, k]` tensors (int64 ids,
     float32 log-probs), or None.
 
