@@ -66,6 +66,21 @@ def test_good_top_k_passes_and_bad_top_k_is_named():
         _check(_with(good, ids=neg), vocab=None)
 
 
+def test_the_first_bad_token_of_many_requests_is_named():
+    """The value checks run on all requests' rows at once; the message still names the
+    request and its token."""
+    results = [_answer(n, 2, seed=n) for n in (3, 1, 4)]
+    requests = [ScoreRequest([1] * (n + 1), 1) for n in (3, 1, 4)]
+    check_score_results("t", requests, results, 2, 50)
+    results[2].top_logprobs[3, 1] = math.inf
+    results[2].top_ids[1, 0] = 99
+    with pytest.raises(TeacherError, match="t: request 2 token 3: non-finite top-k log-prob"):
+        check_score_results("t", requests, results, 2, 50)
+    results[2].top_logprobs[3, 1] = -1.0
+    with pytest.raises(TeacherError, match="t: request 2 token 1: top-k id outside .* in \\[99, "):
+        check_score_results("t", requests, results, 2, 50)
+
+
 def test_batch_copies_top_k_tensors_and_pads_a_smaller_k():
     """Rows land at the response positions; a teacher with a smaller k leaves -inf (and id
     0) in the columns it lacks, which the top-k losses leave out of the support."""

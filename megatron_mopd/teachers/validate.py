@@ -37,7 +37,8 @@ def check_score_results(
 ) -> None:
     """Check one `ScoreResult` per request, one finite log-prob (<= 0) per response token,
     and, when `top_k > 0`, `[n, top_k]` top-k tensors: int64 ids in [0, vocab_size)
-    (`vocab_size` None: >= 0), finite log-probs <= 0. `where` names the teacher."""
+    (`vocab_size` None: >= 0), finite log-probs <= 0 (checked on all requests at once).
+    `where` names the teacher."""
     if len(results) != len(requests):
         raise TeacherError(f"{where}: returned {len(results)} results for {len(requests)} requests")
     for i, (req, res) in enumerate(zip(requests, results)):
@@ -53,17 +54,13 @@ def check_score_results(
                     f" has log-prob {lp!r}; expected a finite value <= 0"
                 )
         if top_k > 0:
-            check_top_k(
-                f"{where}: request {i}", n, res.top_ids, res.top_logprobs, top_k, vocab_size
-            )
+            _check_top_k_shape(f"{where}: request {i}", n, res.top_ids, res.top_logprobs, top_k)
+    if top_k > 0 and results:
+        _check_top_k_values(where, results, vocab_size)
 
 
-def check_top_k(
-    where: str, n: int, ids: Any, lps: Any, top_k: int, vocab_size: int | None = None
-) -> None:
-    """Check one sequence's top-k: `ids` an int64 and `lps` a floating `[n, top_k]` tensor,
-    ids in [0, vocab_size) and log-probs finite and <= 0; vectorised, naming the first bad
-    token on failure."""
+def _check_top_k_shape(where: str, n: int, ids: Any, lps: Any, top_k: int) -> None:
+    """`ids` an int64 and `lps` a floating `[n, top_k]` tensor."""
     if ids is None or lps is None:
         raise TeacherError(f"{where}: top-{top_k} log-probs were not returned")
     if not isinstance(ids, torch.Tensor) or not isinstance(lps, torch.Tensor):
@@ -86,12 +83,26 @@ def check_top_k(
             f"{where}: {ids.shape[1]} top ids / {lps.shape[1]} top log-probs per token, "
             f"expected {top_k}"
         )
-    for bad, what in ((~torch.isfinite(lps), "non-finite"), (lps > MAX_LOGPROB, "positive")):
-        if bad.any():
-            t = int(bad.any(dim=-1).nonzero()[0, 0])
-            raise TeacherError(f"{where} token {t}: {what} top-k log-prob in {lps[t].tolist()!r}")
-    bad = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        t = int(bad.any(dim=-1).nonzero()[0, 0])
-        span = "[0, vocab)" if vocab_size is None else f"[0, {vocab_size})"
-        raise TeacherError(f"{where} token {t}: top-k id outside {span} in {ids[t].tolist()!r}")
+
+
+def _check_top_k_values(where: str, results: list[ScoreResult], vocab_size: int | None) -> None:
+    """Finite top-k log-probs <= 0 and ids in [0, vocab_size), on all results' rows at
+    once (a few tensor operations, whatever the number of requests); the first bad token
+    is named by request and position."""
+    lps = torch.cat([r.top_logprobs for r in results])
+    ids = torch.cat([r.top_ids for r in results])
+    bad_ids = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    checks = (
+        (~torch.isfinite(lps), "non-finite top-k log-prob", lps),
+        (lps > MAX_LOGPROB, "positive top-k log-prob", lps),
+        (bad_ids, f"top-k id outside [0, {vocab_size or 'vocab'})", ids),
+    )
+    for bad, what, values in checks:
+        if not bad.any():
+            continue
+        row = int(bad.any(dim=-1).nonzero()[0, 0])
+        entries = values[row].tolist()
+        for i, r in enumerate(results):  # the request and token of that row
+            if row < len(r.top_ids):
+                raise TeacherError(f"{where}: request {i} token {row}: {what} in {entries!r}")
+            row -= len(r.top_ids)
