@@ -21,6 +21,13 @@ and nulls all fall in place would pass, each value still paired with its own id.
 Measured on a 32 x 256-token answer (`mopd serve`, as SGLang writes it: orjson,
 compact), client CPU per sequence: log-probs only ~0.07 ms (from ~0.10); top-8 ~0.6 ms
 (from ~2.2).
+
+The top-k rows come back as `[n, k]` tensors, built with one numpy conversion of all the
+answer's values and one of its ids (no per-row lists). Client CPU per sequence of a
+32-sequence answer kept from mid-sequence, against the per-row lists plus the
+`torch.tensor` of them the batch needed (best of 3, a busy 2-core host): 64 tokens, k =
+128 (a full toy vocabulary) 3.5 ms (from 4.9); 256 tokens, k = 8: 0.62 ms (from 1.27).
+Most of what is left is orjson decoding the arrays.
 """
 
 from __future__ import annotations
