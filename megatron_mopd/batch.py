@@ -100,8 +100,8 @@ def build_train_batch(
     mask = torch.zeros(B, T)
     mu = torch.zeros(B, T)
     teacher = torch.zeros(B, T)
-    has_topk = any(s.top_ids for s in scores)
-    k = max((len(s.top_ids[0]) for s in scores if s.top_ids), default=0)
+    has_topk = any(s.top_ids is not None for s in scores)
+    k = max((s.top_ids.shape[-1] for s in scores if s.top_ids is not None), default=0)
     topk_ids = torch.zeros(B, T, k, dtype=torch.long) if has_topk else None
     topk_lp = torch.full((B, T, k), float("-inf")) if has_topk else None
     for i, (r, s) in enumerate(zip(rollouts, scores)):
@@ -115,9 +115,10 @@ def build_train_batch(
         mask[i, p : p + n] = 1.0
         mu[i, p : p + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
         teacher[i, p : p + n] = torch.tensor(s.logprobs, dtype=torch.float32)
-        if has_topk and s.top_ids:
-            topk_ids[i, p : p + n] = torch.tensor(s.top_ids)
-            topk_lp[i, p : p + n] = torch.tensor(s.top_logprobs, dtype=torch.float32)
+        if s.top_ids is not None and n:
+            kk = s.top_ids.shape[-1]  # a teacher with a smaller k: the rest stays -inf
+            topk_ids[i, p : p + n, :kk] = s.top_ids
+            topk_lp[i, p : p + n, :kk] = s.top_logprobs
     index = {d: j for j, d in enumerate(domains)}
     routed = _routed_experts(rollouts, T)
     return TrainBatch(

@@ -54,10 +54,12 @@ class ScoreResult:
     """A teacher's log-probs of the response tokens of one `ScoreRequest`.
 
     `logprobs[t]` is log p_teacher(input_ids[s + t] | input_ids[: s + t]) with
-    s = response_start. When top-k was asked, `top_ids[t]` / `top_logprobs[t]` are the
-    k most likely tokens of the distribution that predicts input_ids[s + t].
+    s = response_start. When top-k was asked, `top_ids` (int64) and `top_logprobs`
+    (float32) are `[n, k]` tensors, n = the response tokens: row t holds the k most likely
+    tokens of the distribution that predicts input_ids[s + t] and their log-probs (most
+    likely first). Both are None when no top-k was asked.
     """
 
     logprobs: list[float]
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
+    top_ids: Any = None  # torch.LongTensor [n, k] or None
+    top_logprobs: Any = None  # torch.FloatTensor [n, k] or None

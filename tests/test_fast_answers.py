@@ -9,6 +9,7 @@ import json
 import random
 
 import orjson
+import torch
 from sglang_helpers import scoring_item
 
 from megatron_mopd.sglang.answers import check_scored
@@ -31,7 +32,17 @@ def full_check(items, seqs, sent_start, starts, top_k=0):
         check_scored(it, "u", "l", j, j, seqs[j], sent_start, starts[j], top_k)
         for j, it in enumerate(items)
     ]
-    return [(o.logprobs, o.top_ids, o.top_logprobs) for o in out]
+    return [(o.logprobs, *_lists(o.top_ids, o.top_logprobs)) for o in out]
+
+
+def _lists(ids, lps):
+    """The top-k tensors as lists (None stays None), after checking their types."""
+    if ids is None:
+        assert lps is None
+        return None, None
+    assert ids.dtype == torch.int64 and lps.dtype == torch.float32
+    assert ids.dim() == 2 and ids.shape == lps.shape
+    return ids.tolist(), lps.tolist()
 
 
 def fast_check(data, seqs, sent_start, starts, top_k=0):
@@ -40,7 +51,10 @@ def fast_check(data, seqs, sent_start, starts, top_k=0):
     if got is None:
         return None
     _, logprobs, tops = got
-    return [(lp, *(top if tops else (None, None))) for lp, top in zip(logprobs, tops or logprobs)]
+    return [
+        (lp, *_lists(*(top if tops else (None, None))))
+        for lp, top in zip(logprobs, tops or logprobs)
+    ]
 
 
 def test_fast_path_agrees_with_the_entry_by_entry_check():
@@ -146,3 +160,24 @@ def test_fast_path_refuses_what_is_wrong():
         items[1]["meta_info"]["note"] = 'x"input_token_logprobs":[[null]]'
         fast = fast_check(orjson.dumps(items), seqs, 0, starts, top_k)
         assert fast is None or fast == full_check(items, seqs, 0, starts, top_k)
+
+
+def test_top_k_ids_and_values_outside_the_tensor_types():
+    """An id outside [0, 2**63) or a value past float32's range leaves the fast path, and
+    the entry-by-entry check names the token, not a raw conversion error."""
+    import pytest
+
+    from megatron_mopd.errors import TeacherError
+
+    seqs = [[4 + (3 * i + j) % 90 for i in range(12)] for j in range(2)]
+    for field, value, message in (
+        (1, 2**63, "bad top token id"),
+        (1, -3, "bad top token id"),
+        (0, -1e300, "top log-prob out of range"),
+    ):
+        items = scoring_answer(seqs, 0, 3)
+        items[1]["meta_info"]["input_top_logprobs"][4][2][field] = value
+        data = orjson.dumps(items)
+        assert fast_scored(data, seqs, 0, [1, 1], 3) is None, value
+        with pytest.raises(TeacherError, match=f"u: l, sequence 1: token 4: {message}"):
+            full_check(items, seqs, 0, [1, 1], 3)

@@ -43,7 +43,9 @@ def test_score_padded_batch_matches_single_forward(engine, hf):
         assert (o.logprobs[0] is None) == (st == 0)
         for i in range(max(st, 1), len(s)):
             assert abs(o.logprobs[i - st] - lp[i - 1, s[i]].item()) < TOL
-            assert o.top_ids[i - st] == lp[i - 1].topk(2).indices.tolist()
+            assert o.top_ids[i - max(st, 1)].tolist() == lp[i - 1].topk(2).indices.tolist()
+        assert o.top_ids.shape == o.top_logprobs.shape == (len(s) - max(st, 1), 2)
+        assert o.top_ids.dtype == torch.int64 and o.top_logprobs.dtype == torch.float32
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):

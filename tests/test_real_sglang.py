@@ -84,9 +84,43 @@ def test_top_k_equals_transformers(real_sglang, seqs):
         for s, st, out in zip(seqs, starts, scored):
             lp = torch.log_softmax(model(torch.tensor([s])).logits[0], dim=-1)[st - 1 : len(s) - 1]
             values, ids = lp.topk(5, dim=-1)
-            assert out.top_ids == ids.tolist()
-            worst = max(worst, (torch.tensor(out.top_logprobs) - values).abs().max().item())
+            assert out.top_ids.dtype == torch.int64 and torch.equal(out.top_ids, ids)
+            worst = max(worst, (out.top_logprobs - values).abs().max().item())
     assert worst < 1e-5
+
+
+def test_full_top_k_answer_decodes_to_its_json_values(real_sglang, seqs):
+    """A full top-k answer (k = the vocabulary) of real SGLang, decoded by the fast path
+    and by the entry-by-entry check, gives int64 / float32 `[n, k]` tensors equal to the
+    answer's own JSON values (the ids exactly, the values as float32)."""
+    from megatron_mopd.sglang.answers import check_scored
+    from megatron_mopd.sglang.fast_answers import fast_scored
+
+    batch = seqs[:6]
+    starts = [max(1, len(s) // 2) for s in batch]
+    body = {
+        "input_ids": batch,
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": VOCAB,
+        "return_text_in_logprobs": False,
+    }
+    resp = post(real_sglang["b"], "/generate", body)
+    assert resp.status_code == 200, resp.text[:300]
+    items = json.loads(resp.content)
+    fast = fast_scored(resp.content, batch, 0, starts, VOCAB)
+    assert fast is not None  # SGLang's compact layout takes the fast path
+    for j, (s, st) in enumerate(zip(batch, starts)):
+        rows = items[j]["meta_info"]["input_top_logprobs"][st:]
+        want_ids = torch.tensor([[e[1] for e in row] for row in rows], dtype=torch.int64)
+        want_lps = torch.tensor([[e[0] for e in row] for row in rows], dtype=torch.float32)
+        assert want_ids.shape == (len(s) - st, VOCAB)
+        assert sorted(want_ids[0].tolist()) == list(range(VOCAB))  # the whole vocabulary
+        slow = check_scored(items[j], "u", "l", j, j, s, 0, st, VOCAB)
+        for ids, lps in (fast[2][j], (slow.top_ids, slow.top_logprobs)):
+            assert ids.dtype == torch.int64 and lps.dtype == torch.float32
+            assert torch.equal(ids, want_ids) and torch.equal(lps, want_lps)
 
 
 def test_teacher_over_real_sglang(real_sglang, seqs, reference):

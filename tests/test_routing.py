@@ -6,6 +6,7 @@ import math
 import threading
 
 import pytest
+import torch
 
 from megatron_mopd.config import load_config
 from megatron_mopd.errors import ConfigError, TeacherError
@@ -32,8 +33,11 @@ class FakeTeacher(Teacher):
             lps = [-(self.tag + t / 1000) for t in r.input_ids[r.response_start :]]
             if self.nan:
                 lps[-1] = math.nan
-            top = [[t] * top_k for t in r.input_ids[r.response_start :]] if top_k else None
-            out.append(ScoreResult(lps, top, [[lp] * top_k for lp in lps] if top_k else None))
+            top = top_lp = None
+            if top_k:
+                top = torch.tensor(r.input_ids[r.response_start :])[:, None].repeat(1, top_k)
+                top_lp = torch.tensor(lps)[:, None].repeat(1, top_k)
+            out.append(ScoreResult(lps, top, top_lp))
         return out
 
 
@@ -79,9 +83,10 @@ def test_top_k_per_teacher_or_per_call():
     teachers = {"mathT": FakeTeacher("mathT", 1.0), "codeT": FakeTeacher("codeT", 2.0)}
     router = TeacherRouter.from_config(_cfg("teachers.codeT.top_k=2"), teachers)
     results = router.score([_req(0), _req(1)], ["math", "code"])
-    assert results[0].top_ids is None and results[1].top_ids == [[10, 10], [11, 11], [12, 12]]
+    assert results[0].top_ids is None
+    assert results[1].top_ids.tolist() == [[10, 10], [11, 11], [12, 12]]
     results = router.score([_req(0)], ["math"], top_k=3)
-    assert len(results[0].top_ids[0]) == 3
+    assert results[0].top_ids.shape == (3, 3)
 
 
 def test_teachers_run_concurrently():

@@ -13,6 +13,7 @@ import math
 import time
 
 import pytest
+import torch
 from sglang_helpers import (
     FlakyProxy,
     InProcessServer,
@@ -118,8 +119,9 @@ def test_response_starts_and_top_k(server, seqs, model_dir):
     for s, st, r, o in zip(seqs, starts, ref, out):
         assert len(o.logprobs) == len(s) - st
         assert max((abs(a - b) for a, b in zip(o.logprobs, r[st - 1 :])), default=0) < TOL
-        assert len(o.top_ids) == len(o.logprobs) and all(len(t) == 2 for t in o.top_ids)
-        for lp, tops in zip(o.logprobs, o.top_logprobs):
+        assert o.top_ids.shape == o.top_logprobs.shape == (len(o.logprobs), 2)
+        assert o.top_ids.dtype == torch.int64 and o.top_logprobs.dtype == torch.float32
+        for lp, tops in zip(o.logprobs, o.top_logprobs.tolist()):
             assert tops[0] >= lp - TOL and tops[0] >= tops[1]
 
 
@@ -194,7 +196,7 @@ def test_teacher_scores_response_tokens(server, seqs, model_dir):
             assert len(out.logprobs) == len(req.input_ids) - req.response_start
             assert max((abs(a - b) for a, b in zip(out.logprobs, want)), default=0) < TOL
         topk = teacher.score(reqs[:2], top_k=3)
-        assert all(len(t) == 3 for t in topk[0].top_ids)
+        assert topk[0].top_ids.shape == (len(topk[0].logprobs), 3)
     finally:
         teacher.close()
 
@@ -473,9 +475,16 @@ def test_scoring_takes_the_fast_path_on_our_server(server, seqs, monkeypatch):
         assert len(taken) == 6 and all(t is not None for t in taken)
         monkeypatch.setattr(sglang_answers, "fast_scored", lambda *a: None)
         slow = [c.score(seqs, starts, top_k=k, batch_size=4) for k in (0, 3)]
-    assert fast == slow
-    assert all(len(o.top_ids) == len(o.logprobs) == len(s) - st for o, s, st in
-               zip(fast[1], seqs, starts))  # fmt: skip
+    plain = [[(o.logprobs, _tolist(o.top_ids), _tolist(o.top_logprobs)) for o in k] for k in fast]
+    assert plain == [
+        [(o.logprobs, _tolist(o.top_ids), _tolist(o.top_logprobs)) for o in k] for k in slow
+    ]
+    assert all(o.top_ids.shape == (len(o.logprobs), 3) for o in fast[1])
+    assert all(len(o.logprobs) == len(s) - st for o, s, st in zip(fast[1], seqs, starts))
+
+
+def _tolist(t):
+    return None if t is None else t.tolist()
 
 
 class _CountingServer:

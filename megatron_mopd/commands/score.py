@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
                     for s in part:
                         rec: dict = {"logprobs": s.logprobs}
                         if args.top_k:
-                            rec["top_ids"] = s.top_ids
-                            rec["top_logprobs"] = s.top_logprobs
+                            rec["top_ids"] = s.top_ids.tolist()
+                            rec["top_logprobs"] = s.top_logprobs.tolist()
                         out.write(orjson.dumps(rec) + b"\n")
             os.replace(tmp, args.output)
         finally:

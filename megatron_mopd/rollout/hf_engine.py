@@ -20,8 +20,10 @@ API (stable; the server and the embedded backends rely on it):
   the token (position 0). This is the project's one log-prob convention, laid out the way
   SGLang's `input_token_logprobs` is when `logprob_start_len = s` *except* that SGLang
   also nulls its first entry when s > 0 (see `server/app.py`, which applies that rule).
-  With `top_k > 0`, `top_ids[j]` / `top_logprobs[j]` are the k most likely tokens of the
-  distribution that predicts position s + j (None at position 0). Sequences are
+  With `top_k > 0`, `top_ids` (int64) / `top_logprobs` (float32) are `[m, k]` tensors of
+  the k most likely tokens (most likely first) of the distributions that predict the
+  positions max(s, 1)..L-1: row j is position max(s, 1) + j (position 0 has no
+  predecessor, so no row; m = L - max(s, 1)). Sequences are
   right-padded and run in batches of at most `max_batch_tokens` padded tokens; with a
   causal mask, right padding cannot change the real tokens' results.
 - `generate(prompts, sampling, stop_strs=None, ignore_eos=False, *, batch_seed=None)` ->
@@ -75,8 +77,9 @@ class ScoreOutput:
     """Log-probs of one scored sequence at positions start..L-1 (None at position 0)."""
 
     logprobs: list[float | None]
-    top_ids: list[list[int] | None] | None = None
-    top_logprobs: list[list[float] | None] | None = None
+    # with top-k: [L - max(start, 1), k] int64 / float32, row j = position max(start, 1) + j
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -254,9 +257,7 @@ class HFEngine:
             head: list = [None] if s == 0 else []
             result = ScoreOutput(logprobs=head + vals)
             if top_k:
-                tv, ti = lp.topk(top_k, dim=-1)
-                result.top_logprobs = head + tv.tolist()
-                result.top_ids = head + ti.tolist()
+                result.top_logprobs, result.top_ids = lp.topk(top_k, dim=-1)
             out[i] = result
 
     def _check_ids(self, ids: Sequence[int], index: int) -> None:

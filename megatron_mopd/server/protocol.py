@@ -321,17 +321,17 @@ def _response(engine, it: Item, score, gen, top, version: str) -> dict:
         meta["output_token_logprobs"] = _triples(engine, out_vals, output_ids, text)
         if k:
             if in_ids:
-                top_v = [None] + [v[:k] for v in score.top_logprobs[1:]]
-                top_i = [None] + [v[:k] for v in score.top_ids[1:]]
+                # the engine's rows start at position max(start, 1); SGLang nulls the
+                # first entry whatever the start, so a start > 0 drops its first row
+                skip = 1 if start > 0 else 0
+                top_v = [None] + score.top_logprobs[skip:, :k].tolist()
+                top_i = [None] + score.top_ids[skip:, :k].tolist()
                 meta["input_top_logprobs"] = _top(engine, top_v, top_i, text)
             else:
                 meta["input_top_logprobs"] = []
             if top is not None and output_ids:
                 meta["output_top_logprobs"] = _top(
-                    engine,
-                    [v[:k] for v in top.top_logprobs],
-                    [v[:k] for v in top.top_ids],
-                    text,
+                    engine, top.top_logprobs[:, :k].tolist(), top.top_ids[:, :k].tolist(), text
                 )
             else:
                 meta["output_top_logprobs"] = []

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from megatron_mopd.errors import RetryableAnswer, TeacherError
 from megatron_mopd.sglang.fast_answers import MAX_LOGPROB, fast_scored, ids_match
 from megatron_mopd.sglang.http_pool import Answer, decode_answer
@@ -22,11 +24,12 @@ from megatron_mopd.sglang.http_pool import Answer, decode_answer
 
 @dataclass
 class ScoredSequence:
-    """Log-probs of the tokens `start..L-1` of one scored sequence (`top_*`: k per token)."""
+    """Log-probs of the tokens `start..L-1` of one scored sequence; with top-k, `top_ids`
+    (int64) / `top_logprobs` (float32) are `[L - start, k]` tensors, one row per token."""
 
     logprobs: list[float]
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,13 +174,14 @@ def with_top_k(
     top_k: int,
 ) -> ScoredSequence:
     """`result` with its top-k log-probs from `meta["input_top_logprobs"]` (entries
-    `skip..expected-1`), checked; unchanged when `top_k` is 0."""
+    `skip..expected-1`) as `[n, top_k]` tensors, checked entry by entry (the first bad one
+    named); unchanged when `top_k` is 0."""
     if top_k <= 0:
         return result
     tops = meta.get("input_top_logprobs")
     if not isinstance(tops, list) or len(tops) != expected:
         raise TeacherError(f"{where}: input_top_logprobs missing or of the wrong length")
-    result.top_ids, result.top_logprobs = [], []
+    rows_ids, rows_lps = [], []
     for k in range(skip, expected):
         row = tops[k]
         pos = sent_start + k
@@ -188,12 +192,18 @@ def with_top_k(
         for e in row:
             if not isinstance(e, list | tuple) or len(e) < 2 or not _is_logprob(e[0]):
                 raise TeacherError(f"{where}: token {pos}: bad top log-prob entry {e!r}")
-            if not isinstance(e[1], int) or isinstance(e[1], bool):
+            if not isinstance(e[1], int) or isinstance(e[1], bool) or not 0 <= e[1] < 2**63:
                 raise TeacherError(f"{where}: token {pos}: bad top token id {e[1]!r}")
             ids_k.append(e[1])
             lps_k.append(float(e[0]))
-        result.top_ids.append(ids_k)
-        result.top_logprobs.append(lps_k)
+        rows_ids.append(ids_k)
+        rows_lps.append(lps_k)
+    shape = (len(rows_ids), top_k)
+    result.top_ids = torch.tensor(rows_ids, dtype=torch.int64).reshape(shape)
+    result.top_logprobs = torch.tensor(rows_lps, dtype=torch.float32).reshape(shape)
+    if not torch.isfinite(result.top_logprobs).all():  # a finite double past float32's range
+        t = int((~torch.isfinite(result.top_logprobs)).any(-1).nonzero()[0, 0])
+        raise TeacherError(f"{where}: token {sent_start + skip + t}: top log-prob out of range")
     return result
 
 

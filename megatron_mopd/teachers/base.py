@@ -14,7 +14,8 @@ class Teacher(abc.ABC):
 
     @abc.abstractmethod
     def score(self, requests: list[ScoreRequest], top_k: int = 0) -> list[ScoreResult]:
-        """Log-probs of every response token of every request, in order.
+        """Log-probs of every response token of every request, in order; with
+        `top_k > 0` also each token's top-k as `[n, top_k]` tensors (`ScoreResult`).
 
         Raises `TeacherError` (naming the teacher and its server) on failure; never
         returns missing, NaN or infinite log-probs.

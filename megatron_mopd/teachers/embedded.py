@@ -76,14 +76,15 @@ class EmbeddedTeacher(Teacher):
                 raise TeacherError(f"{self.where}: requests {lo}..: {e}") from e
             for out in outs:
                 # response_start >= 1, so no position lacks a predecessor (no None entries)
+                # and the top-k rows are the response tokens' ([n, k] tensors)
                 results.append(
                     ScoreResult(
                         logprobs=list(out.logprobs),
-                        top_ids=list(out.top_ids) if top_k else None,
-                        top_logprobs=list(out.top_logprobs) if top_k else None,
+                        top_ids=out.top_ids if top_k else None,
+                        top_logprobs=out.top_logprobs if top_k else None,
                     )
                 )
-        check_score_results(self.where, requests, results, top_k)
+        check_score_results(self.where, requests, results, top_k, self.engine.vocab_size)
         return results
 
     def close(self) -> None:
