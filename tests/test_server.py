@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import httpx
 import pytest
@@ -16,6 +15,7 @@ import torch
 from sglang_helpers import (
     InProcessServer,
     random_seqs,
+    raw_exchange,
     reference_logprobs,
     start_serve_subprocess,
 )
@@ -193,20 +193,6 @@ def test_not_json_and_unknown_path(server):
     r = httpx.post(server.url + "/generate", content=b"{nope", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/nope", timeout=30).status_code == 404
-
-
-def raw_exchange(url: str, head: str, body: bytes = b"", half_close: bool = False) -> bytes:
-    """Send `head` (request line and headers, no blank line) and `body` on a fresh
-    connection; return everything the server sent until it closed the connection."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(head.encode() + b"\r\n\r\n" + body)
-        if half_close:
-            s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def refused(answer: bytes) -> tuple[int, str]:
