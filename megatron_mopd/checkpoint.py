@@ -193,10 +193,18 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             os.makedirs(tmp)
         _barrier(self.group)
-        write_fn(tmp)
+        try:
+            write_fn(tmp)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            self._refuse_on_write_error(step, tmp, e, rank)
+            raise
         _barrier(self.group)
         if rank == 0:
-            write_manifest(tmp)
+            try:
+                write_manifest(tmp)
+            except OSError as e:
+                self._refuse_on_write_error(step, tmp, e, rank)
+                raise
             _fsync_dir(tmp)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
@@ -207,10 +215,57 @@ class CheckpointManager:
         _barrier(self.group)
         return final
 
+    def _refuse_on_write_error(self, step: int, tmp: str, error: BaseException, rank: int):
+        """A save that failed writing (a full disk, a file-size limit, a lost mount):
+        remove the partial save and raise a `UserError` saying what is intact. Other
+        errors (bugs) are left to propagate as they are."""
+        reason = write_error(error)
+        if reason is None:
+            return
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        older = [c for c in self.published() if verify_checkpoint(c.path) is None]
+        intact = (
+            f"the newest intact checkpoint is {older[-1].path}: free space and run the same "
+            "command again to resume from it"
+            if older
+            else "no earlier checkpoint exists"
+        )
+        raise UserError(
+            f"checkpoint of step {step} could not be written to {tmp} ({reason}); the "
+            f"partial save was removed; {intact}"
+        ) from None
+
     def _prune(self) -> None:
         published = self.published()
         for info in published[: max(0, len(published) - self.keep_last)]:
             shutil.rmtree(info.path, ignore_errors=True)
+
+
+_ERRNO_RE = re.compile(r"\[Errno \d+\][^\n]*")
+# what torch's zip writer (`torch.save`, dist checkpoint's files) says when a write came up
+# short: ENOSPC, EFBIG (a file-size limit) and EIO end up as one of these
+_SHORT_WRITE_RE = re.compile(r"(unexpected pos \d+ vs \d+|file write failed)")
+
+
+def write_error(error: BaseException) -> str | None:
+    """The OS error behind a failed write, as text (`[Errno 28] No space left on
+    device`), found in `error`, its causes, or the text of the per-rank failures torch's
+    dist checkpoint wraps; None when it is not a write error."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno is not None:
+            return f"[Errno {error.errno}] {error.strerror}"
+        text = str(error)
+        found = _ERRNO_RE.search(text)
+        if found:
+            return found.group(0).strip()
+        found = _SHORT_WRITE_RE.search(text)
+        if found:
+            return f"a write came up short: {found.group(0)}; is the disk full?"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def rng_state() -> dict:

@@ -79,6 +79,41 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
     assert mgr.find_resume().step == 3
 
 
+def test_full_disk_is_one_clear_error(tmp_path):
+    """A write that fails for lack of room (an OSError, or torch's zip writer's short-write
+    message wrapped by dist checkpoint) is a UserError naming the step and the intact
+    checkpoint, with the partial save removed; another error propagates as it is."""
+    import errno
+
+    from megatron_mopd.errors import UserError
+
+    mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
+    mgr.save(1, _writer({"step": 1}))
+
+    def full(tmp):
+        _writer({"step": 2})(tmp)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short(tmp):
+        raise RuntimeError(
+            "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        )
+
+    for fn, reason in (
+        (full, "[Errno 28] No space left on device"),
+        (short, "unexpected pos 704 vs 598"),
+    ):
+        with pytest.raises(UserError) as e:
+            mgr.save(2, fn)
+        msg = str(e.value)
+        assert msg.startswith("checkpoint of step 2 could not be written to ") and reason in msg
+        assert f"the newest intact checkpoint is {tmp_path / step_dir_name(1)}" in msg
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("tmp.")]
+        assert mgr.find_resume().step == 1
+    with pytest.raises(KeyError):  # a bug, not the disk: not dressed up
+        mgr.save(2, lambda tmp: {}["nope"])
+
+
 def test_sigkill_during_save_keeps_previous(tmp_path):
     """A process killed (SIGKILL) in the middle of writing a checkpoint loses nothing."""
     script = textwrap.dedent(

@@ -133,7 +133,8 @@ class FlakyProxy:
     `plan(n, method, path)` is called for the n-th request (from 0) and returns
     None/"pass" (forward), "500" (answer 500), "429" (answer 429 with `Retry-After: 0`, as
     sglang-router does when its queue is full), "drop" (close the connection without an
-    answer), ("sleep", seconds) (wait, then forward), ("mutate", fn) (forward, then
+    answer), ("sleep", seconds) (wait, then forward), ("hang", seconds) (wait, then close
+    the connection: never forwarded), ("mutate", fn) (forward, then
     answer `fn(json_body)` serialised with stdlib json, so NaN/Infinity literals appear)
     or ("raw", fn) (forward, then answer the bytes `fn(body_bytes)`). `seen` records
     (method, path, body) of every request. `target` may be changed while it runs (a
@@ -195,6 +196,10 @@ def _proxy_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
                 return
             if action == "429":
                 self._reply(429, b'{"error": {"message": "queue full"}}', {"Retry-After": "0"})
+                return
+            if isinstance(action, tuple) and action[0] == "hang":  # no answer, not forwarded
+                time.sleep(action[1])
+                self.close_connection = True
                 return
             if isinstance(action, tuple) and action[0] == "sleep":
                 time.sleep(action[1])

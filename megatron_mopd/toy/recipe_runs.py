@@ -47,6 +47,7 @@ def build_tiny(root: Path) -> dict[str, str]:
     from megatron_mopd.toy.tiny import make_tiny_hf_model
 
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in dataset_lines()))
     return {
