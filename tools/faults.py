@@ -36,37 +36,31 @@ start costs 20-50 s of CPU here); `mopd serve` stands in for every server.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mopd.toy import fault_checks as checks  # noqa: E402
-from megatron_mopd.toy.fault_servers import (  # noqa: E402
-    FlakyProxy,
-    hostile_requests,
-    start_serve_subprocess,  # noqa: E402
+from megatron_mopd.toy.fault_campaign import (  # noqa: E402
+    Chain,
+    CreationWatch,
+    Launch,
+    Record,
+    ServerPool,
+    Setup,
+    table,
 )
-from megatron_mopd.toy.recipe_runs import (  # noqa: E402
-    build_tiny,
-    kill_group,
-    make_recipe,
-    start_train,
-    write_recipe,
-)
+from megatron_mopd.toy.fault_servers import FlakyProxy, hostile_requests  # noqa: E402
+from megatron_mopd.toy.recipe_runs import build_tiny, kill_group  # noqa: E402
 
-TOL = 1e-6
-LAUNCH_TIMEOUT_S = 300  # a launch that runs longer is a hang
 FAULTS = {  # key: (label, backend)
     "kill_step_1": ("SIGKILL during a step, 1 process", "embedded"),
     "kill_step_2": (
@@ -94,277 +88,6 @@ FAULTS = {  # key: (label, backend)
     "hostile_teacher": ("oversized/malformed requests to the teacher server", "mopd serve"),
     "hostile_rollout": ("oversized/malformed requests to the rollout server", "mopd serve"),
 }
-
-
-@dataclass
-class Record:
-    """One injected fault and how the run took it."""
-
-    fault: str
-    chain: str
-    note: str = ""
-    survived: bool = False
-    resumed: bool = False
-    lost: bool = False
-
-
-@dataclass
-class Launch:
-    """One `mopd train` process of a chain."""
-
-    proc: subprocess.Popen
-    log: Path
-    resumed: bool  # the run dir had a checkpoint: wait for "resuming from" first
-    t0: float = field(default_factory=time.monotonic)
-
-    def output(self) -> str:
-        """What the launch printed so far."""
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int | None, str]:
-        """(exit code, output); None and the process group killed on a hang."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(self.proc)
-            return None, self.output()
-        return self.proc.returncode, self.output()
-
-
-class ServerPool:
-    """`mopd serve` processes of one model, one kept started in advance (a replacement
-    is ready when one is killed)."""
-
-    def __init__(self, hf_dir: str, log_dir: Path):
-        self.hf_dir, self.log_dir, self.n = hf_dir, log_dir, 0
-        self._next: threading.Thread | None = None
-        self._ready: tuple | None = None
-        self.current = self._start()
-        self._prepare()
-
-    def _start(self):
-        self.n += 1
-        log = str(self.log_dir / f"serve_{Path(self.hf_dir).name}_{self.n}.log")
-        return start_serve_subprocess(self.hf_dir, log, hard_timeout=7200)
-
-    def _prepare(self) -> None:
-        def run() -> None:
-            self._ready = self._start()
-
-        self._next = threading.Thread(target=run, daemon=True)
-        self._next.start()
-
-    @property
-    def url(self) -> str:
-        """The URL of the current server."""
-        return self.current[1]
-
-    def replace(self) -> str:
-        """Make the prepared server current (start another in advance); its URL."""
-        self._next.join(180)
-        self.current, self._ready = self._ready, None
-        self._prepare()
-        return self.url
-
-    def stop(self) -> None:
-        """Stop every server."""
-        self.current[0].stop()
-        if self._next is not None:
-            self._next.join(180)
-        if self._ready is not None:
-            self._ready[0].stop()
-
-
-# --------------------------------------------------------------------------------------
-# the chain: one run directory, launched until done
-
-
-class Chain:
-    """One run directory of a set-up, launched again after each fault."""
-
-    def __init__(self, setup: Setup, name: str, rng: random.Random):
-        self.setup, self.name, self.rng = setup, name, rng
-        self.root = setup.root / name
-        self.root.mkdir(parents=True)
-        self.run_dir = self.root / "run"
-        self.data = str(self.root / "train.jsonl")
-        shutil.copy(setup.tiny["data"], self.data)
-        raw = make_recipe(setup.tiny, self.run_dir, **setup.sections)
-        raw["data"] = {"train_path": self.data, "eval_path": self.data}
-        self.recipe = write_recipe(self.root / "recipe.yaml", raw)
-        self.records: list[Record] = []
-        self.launches = 0
-        self.ignore: set[str] = set()  # checkpoints corrupted on purpose
-
-    def start(self, env: dict | None = None, preexec_fn=None) -> Launch:
-        """Launch `mopd train` (again) on this chain's run dir."""
-        self.launches += 1
-        log = self.root / f"launch_{self.launches}.log"
-        resumed = bool(checks.CheckpointManager(str(self.run_dir / "checkpoints")).published())
-        proc = start_train(
-            self.recipe,
-            *self.setup.overrides(),
-            log=log,
-            nproc=self.setup.nproc,
-            env=env,
-            preexec_fn=preexec_fn,
-        )
-        return Launch(proc, log, resumed)
-
-    def rows(self) -> list[dict]:
-        """The metrics rows so far."""
-        return checks.read_rows(self.run_dir / "metrics.jsonl")[0]
-
-    def wait_row(self, launch: Launch, step: int, timeout: float = 240) -> bool:
-        """Until this launch has logged step `step` (False if it exited or timed out)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and launch.proc.poll() is None:
-            if not launch.resumed or "resuming from" in launch.output():
-                rows = self.rows()
-                if rows and rows[-1].get("step", 0) >= step:
-                    return True
-            time.sleep(0.02)
-        return False
-
-    def next_step(self) -> int:
-        """The step the next launch starts training at (1 + newest checkpoint)."""
-        root = str(self.run_dir / "checkpoints")
-        info = checks.CheckpointManager(root, log=lambda msg: None).find_resume()
-        return (info.step if info else 0) + 1
-
-    def record(self, fault: str, note: str, survived: bool) -> Record:
-        """Note a fault and whether the run survived it; print one line."""
-        rec = Record(fault, self.name, note, survived)
-        self.records.append(rec)
-        mark = "survived" if survived else "NOT SURVIVED"
-        print(f"[{self.name}] {fault}: {note} -> {mark}", flush=True)
-        return rec
-
-    def judge_stop(self, fault: str, code: int | None, out: str, needles: list[str], note: str):
-        """A fault that must stop the run with one clear error line naming it."""
-        self.forget_repaired()
-        line = checks.error_line(out)
-        ok = code not in (0, None) and line is not None and "Traceback" not in out
-        missing = [n for n in needles if line is None or n not in line]
-        ok = ok and not missing
-        detail = f"exit {code}; {line or 'no error line'}"[:400]
-        if missing:
-            detail += f" (missing {missing})"
-        if "Traceback" in out:
-            detail += " (a traceback was printed)"
-        rows = self.rows()
-        newest = self.next_step() - 1
-        if rows and rows[-1]["step"] != newest:
-            detail += f" (rows to step {rows[-1]['step']}, newest checkpoint {newest})"
-        self.record(fault, f"{note}: {detail}", ok)
-
-    def kill_rank(self, launch: Launch) -> str:
-        """SIGKILL one trainer process (a random rank under torchrun); which one."""
-        import psutil
-
-        if self.setup.nproc == 1:
-            os.kill(launch.proc.pid, signal.SIGKILL)
-            return "the trainer"
-        workers = []
-        for child in psutil.Process(launch.proc.pid).children():
-            try:
-                workers.append((int(child.environ().get("RANK", -1)), child))
-            except psutil.Error:
-                continue
-        rank, victim = self.rng.choice(sorted(workers, key=lambda w: w[0]))
-        victim.kill()
-        return f"rank {rank}"
-
-    def after_kill(self, fault: str, launch: Launch, note: str) -> None:
-        """A SIGKILLed launch must end (torchrun takes the other rank down); whether the
-        next launch resumes is judged when it starts (`judge_resume`)."""
-        code, _ = launch.wait(120)
-        self.forget_repaired()
-        if launch.proc.poll() is None or code is None:
-            kill_group(launch.proc)
-            self.record(fault, f"{note}: the launch hung after the kill", False)
-            return
-        bad = checks.unreadable_checkpoints(self.run_dir, self.ignore)
-        note = f"{note}: exit {code}" + (f"; unreadable: {bad}" if bad else "")
-        self.pending = self.record(fault, note, not bad)  # confirmed by the next launch resuming
-
-    def forget_repaired(self) -> None:
-        """Checkpoints corrupted on purpose that have been saved again since."""
-        ckpts = self.run_dir / "checkpoints"
-        self.ignore = {n for n in self.ignore if checks.verify_checkpoint(str(ckpts / n))}
-
-    def judge_resume(self, launch: Launch) -> None:
-        """The launch after a kill: it must say it resumes (from a checkpoint)."""
-        rec = getattr(self, "pending", None)
-        if rec is None:
-            return
-        self.pending = None
-        end = time.monotonic() + 240
-        while time.monotonic() < end and launch.proc.poll() is None:
-            if "resuming from" in launch.output():
-                return
-            time.sleep(0.1)
-        if "resuming from" not in launch.output():
-            rec.survived = False
-            rec.note += "; the next launch did not resume"
-
-    def finish(self) -> None:
-        """Run to the end, then judge the chain: exact and nothing lost."""
-        launch = self.start()
-        self.judge_resume(launch)
-        code, out = launch.wait()
-        steps = self.setup.max_steps
-        if code != 0:
-            print(f"[{self.name}] final launch: exit {code}: {out[-1500:]}", flush=True)
-        problems = checks.data_problems(self.run_dir, steps)
-        diff = checks.rows_differ(self.rows(), self.setup.reference, TOL)
-        for rec in self.records:
-            rec.resumed = code == 0 and diff is None
-            rec.lost = bool(problems)
-        verdict = "exact" if diff is None else f"DIFFERS: {diff}"
-        lost = f"; DATA LOST: {problems}" if problems else "; nothing lost"
-        print(f"[{self.name}] done in {self.launches} launches: {verdict}{lost}", flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# the set-ups
-
-
-class Setup:
-    """A configuration of the tiny recipe with its servers and reference run."""
-
-    def __init__(self, name: str, root: Path, tiny: dict, nproc: int, max_steps: int):
-        self.name, self.tiny, self.nproc, self.max_steps = name, tiny, nproc, max_steps
-        self.root = root / name
-        self.root.mkdir(parents=True)
-        self.sections: dict = {
-            "train": {"max_steps": max_steps, "eval_interval": 0},
-            "checkpoint": {"interval": 1, "keep_last": 100},
-        }
-        self.reference: list[dict] = []
-        self.largest_file = 0
-
-    def overrides(self) -> list[str]:
-        """Command-line overrides of every launch (server URLs that change)."""
-        return []
-
-    def run_reference(self) -> None:
-        """The uninterrupted run."""
-        t0 = time.monotonic()
-        chain = Chain(self, "reference", random.Random(0))
-        code, out = chain.start().wait()
-        if code != 0:
-            raise SystemExit(f"faults: the {self.name} reference run failed:\n{out[-3000:]}")
-        self.reference = chain.rows()
-        files = [p for p in (chain.run_dir / "checkpoints").rglob("*") if p.is_file()]
-        self.largest_file = max(p.stat().st_size for p in files)
-        print(
-            f"[{self.name}] reference: {len(self.reference)} steps in {time.monotonic() - t0:.0f} s",
-            flush=True,
-        )
-
-    def close(self) -> None:
-        """Stop the set-up's servers."""
 
 
 class Single(Setup):
@@ -462,27 +185,33 @@ class TwoRanks(Setup):
         self.rollout.stop()
 
     def _kill_when(self, c: Chain, launch: Launch, fault: str, folder: str, prefix: str):
-        """SIGKILL a rank as soon as `folder` holds a name starting with `prefix`."""
+        """SIGKILL a rank 0-5 ms after a name starting with `prefix` is created in
+        `folder` (a checkpoint or weight export being written)."""
         path = c.run_dir / folder
-        end = time.monotonic() + 240
-        while time.monotonic() < end and launch.proc.poll() is None:
-            try:
-                names = [n for n in os.listdir(path) if n.startswith(prefix)]
-            except FileNotFoundError:
-                names = []
-            if names and (not launch.resumed or "resuming from" in launch.output()):
-                who = c.kill_rank(launch)
-                time.sleep(0.3)
-                still = [n for n in os.listdir(path) if n.startswith(prefix)]
-                where = "in the write" if still else "as the write ended"
-                return c.after_kill(fault, launch, f"{who} killed at {names[0]} ({where})")
-            time.sleep(0.002)
-        c.after_kill(fault, launch, f"{folder}/{prefix}* never appeared")
+        watch = CreationWatch(path)
+        try:
+            name = watch.wait(prefix, 240, launch.proc)
+        finally:
+            watch.close()
+        if name is None:
+            return c.after_kill(fault, launch, f"{folder}/{prefix}* never appeared")
+        time.sleep(c.rng.uniform(0, 0.005))
+        who = c.kill_rank(launch)
+        time.sleep(0.3)
+        final = name.removeprefix("tmp.") if name.startswith("tmp.") else name[5:].rsplit("-", 1)[0]
+        if (path / name).exists():
+            where = "the write left unpublished"
+        elif (path / final).exists():
+            where = f"{final} published all the same"
+        else:
+            where = "the partial write removed"
+        c.after_kill(fault, launch, f"{who} killed at {folder}/{name} ({where})")
 
     def chain(self, name: str, rng: random.Random) -> list[Record]:
         """Kill a rank during a step, a checkpoint write, a weight sync (random order);
         the rollout server killed mid-generation; hostile requests to it; to the end."""
         c = Chain(self, name, rng)
+        (c.run_dir / "weights").mkdir()  # watched before the first export
         kinds = ["kill_step_2", "kill_ckpt", "kill_sync"]
         rng.shuffle(kinds)
         for kind in kinds:
@@ -590,7 +319,12 @@ class TeacherSide(Setup):
             self.proxy.target = self.server.replace()
             return f"server SIGKILLed, a new one at the address {down:.1f} s later"
         self.armed.append(self._action(kind))
-        return "armed for the next scoring request"
+        end = time.monotonic() + 60
+        while self.armed and time.monotonic() < end:
+            time.sleep(0.01)
+        if self.armed:
+            return "armed, but no scoring request came within 60 s"
+        return f"scoring request #{self.proxy.count()} answered so"
 
     def chain(self, name: str, rng: random.Random) -> list[Record]:
         """The transient faults in one launch (one per step, random order), then each
@@ -654,37 +388,6 @@ def _short_logprobs(answer):
 # the campaign
 
 
-def table(records: list[Record]) -> str:
-    """The campaign's table and its last line."""
-    head = ("fault", "backend", "runs", "survived", "resumed exactly", "data lost")
-    rows = []
-    for key, (label, backend) in FAULTS.items():
-        mine = [r for r in records if r.fault == key]
-        if not mine:
-            continue
-        rows.append(
-            (
-                label,
-                backend,
-                str(len(mine)),
-                str(sum(r.survived for r in mine)),
-                str(sum(r.resumed for r in mine)),
-                str(sum(r.lost for r in mine)),
-            )
-        )
-    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    n = len(records)
-    lines.append(
-        f"{n} faults injected, {sum(r.survived for r in records)} survived, "
-        f"{sum(r.resumed for r in records)} resumed exactly, "
-        f"{sum(r.lost for r in records)} data lost"
-    )
-    return "\n".join(lines)
-
-
 def run_setup(setup: Setup, reps: int, seed: int, out: list[Record]) -> None:
     """The reference, then `reps` chains of one set-up."""
     try:
@@ -729,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.start()
                 threads.append(t)
             time.sleep(0.5)
-        print(table(records))
+        print(table(records, FAULTS))
         print(f"wall time {time.monotonic() - t0:.0f} s", flush=True)
         return 0 if all(r.survived and r.resumed and not r.lost for r in records) else 1
     finally:

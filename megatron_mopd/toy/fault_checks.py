@@ -105,6 +105,18 @@ def error_line(output: str) -> str | None:
     return lines[-1][lines[-1].index("mopd train: error:") :] if lines else None
 
 
+def has_traceback(output: str, nproc: int) -> bool:
+    """Whether a run's output holds a Python traceback of the trainer. Under torchrun
+    (`nproc > 1`) the trainer's lines carry a `[rankN]:` prefix, and the launcher's own
+    traceback (its `ChildFailedError` after a rank exited non-zero) does not count."""
+    for line in output.splitlines():
+        if "Traceback (most recent call last)" not in line:
+            continue
+        if nproc == 1 or line.startswith("[rank"):
+            return True
+    return False
+
+
 def corrupt_checkpoint(folder: str, rng: random.Random) -> str:
     """Damage a published checkpoint as a failing disk or a stray write would; returns
     how. Kinds: a file truncated to half, a file's bytes overwritten with garbage of the
