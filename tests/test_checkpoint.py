@@ -54,6 +54,37 @@ def test_corrupt_newest_falls_back_and_is_reported(tmp_path):
     assert any("corrupt" in m and step_dir_name(2) in m for m in logs)
 
 
+def test_same_size_garbage_is_caught_by_the_fingerprint(tmp_path):
+    """Bytes changed after the save with the size unchanged: whole-file fingerprint for a
+    small file, the sampled one (start, middle, end) for a file over 3 MiB; an older
+    manifest without fingerprints still verifies by size."""
+    mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
+    big = torch.zeros(1_100_000)  # 4.4 MB: sampled
+
+    def write(tmp):
+        _writer({"step": 2})(tmp)
+        torch.save(big, os.path.join(tmp, "big.pt"))
+
+    mgr.save(1, _writer({"step": 1}))
+    mgr.save(2, write)
+    folder = tmp_path / step_dir_name(2)
+    small, large = folder / "rank_00000.pt", folder / "big.pt"
+    data = bytearray(small.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    small.write_bytes(bytes(data))
+    assert "rank_00000.pt does not match its fingerprint" in verify_checkpoint(str(folder))
+    assert mgr.find_resume().step == 1
+    mgr.save(2, write)
+    with open(large, "r+b") as f:  # the last bytes of a sampled file
+        f.seek(os.path.getsize(large) - 10)
+        f.write(b"x" * 10)
+    assert "big.pt does not match its fingerprint" in verify_checkpoint(str(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["digests"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(str(folder)) is None
+
+
 def test_missing_manifest_is_partial(tmp_path):
     mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
     mgr.save(1, _writer({"step": 1}))
