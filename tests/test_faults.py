@@ -113,7 +113,7 @@ def test_hostile_requests_and_the_proxy(tiny, tmp_path):
     proxy = FlakyProxy(server.url, lambda n, m, p: answers[n] if n < len(answers) else None)
     try:
         results = hostile_requests(server.url)
-        assert len(results) == 9 and all(want == got for _, want, got in results), results
+        assert len(results) == 10 and all(want == got for _, want, got in results), results
         body = {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 0}}
         t0 = time.monotonic()
         with pytest.raises(httpx.HTTPError):  # no answer, not forwarded

@@ -164,7 +164,7 @@ class TwoRanks(Setup):
     """torchrun with 2 ranks (EP2), a `mopd serve` rollout server, weights through disk."""
 
     def __init__(self, root: Path, tiny: dict):
-        super().__init__("two_ranks", root, tiny, nproc=2, max_steps=6)
+        super().__init__("two_ranks", root, tiny, nproc=2, max_steps=8)
         self.sections["parallel"] = {"ep": 2, "use_distributed_optimizer": False}
         self.sections["rollout"] = {
             "backend": "sglang",
@@ -232,25 +232,21 @@ class TwoRanks(Setup):
         launch = c.start()
         c.judge_resume(launch)
         s = c.next_step()
-        if c.wait_row(launch, s):
-            time.sleep(rng.uniform(0, 0.2))
-            self.rollout.current[0].kill()
-            note = f"killed after row {s}"
-        else:
-            note = f"row {s} never came"
-        code, out = launch.wait()
-        url = self.rollout.url
-        c.judge_stop("rollout_killed", code, out, [url], note)
-        self.rollout.replace()
-        launch = c.start()
-        s = c.next_step()
-        if c.wait_row(launch, s):
+        if c.wait_row(launch, s):  # hostile requests while a step runs, then a kill
             results = hostile_requests(self.rollout.url)
             bad = [r for r in results if r[1] != r[2]]
             c.record("hostile_rollout", f"{len(results)} requests, wrong: {bad}", not bad)
         else:
             c.record("hostile_rollout", f"row {s} never came", False)
-        launch.wait()
+        if c.wait_row(launch, s + 1):
+            time.sleep(rng.uniform(0, 0.2))
+            self.rollout.current[0].kill()
+            note = f"killed after row {s + 1}"
+        else:
+            note = f"row {s + 1} never came"
+        code, out = launch.wait()
+        c.judge_stop("rollout_killed", code, out, [self.rollout.url], note)
+        self.rollout.replace()
         c.finish()
         return c.records
 
@@ -374,7 +370,7 @@ class TeacherSide(Setup):
 def _nan_logprob(answer):
     items = answer if isinstance(answer, list) else [answer]
     entries = items[0]["meta_info"]["input_token_logprobs"]
-    entries[len(entries) // 2][0] = float("nan")
+    entries[-1][0] = float("nan")  # a response token's: never dropped by the client
     return answer
 
 
@@ -406,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="chains per set-up (5; 2 quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the faults' moments")
     parser.add_argument("--only", nargs="*", default=None, help="set-ups: single two_ranks teacher")
-    parser.add_argument("--jobs", type=int, default=2, help="set-ups run at once (default 2)")
+    parser.add_argument("--jobs", type=int, default=3, help="set-ups run at once (default 3)")
     parser.add_argument("--keep", default=None, help="work folder to keep (default: temporary)")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)

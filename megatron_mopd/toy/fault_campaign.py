@@ -196,7 +196,7 @@ class Chain:
             detail += " (a traceback was printed)"
         rows = self.rows()
         newest = self.next_step() - 1
-        if rows and rows[-1]["step"] != newest:
+        if rows and rows[-1]["step"] != newest and not self.ignore:
             detail += f" (rows to step {rows[-1]['step']}, newest checkpoint {newest})"
         self.record(fault, f"{note}: {detail}", ok)
 
