@@ -174,7 +174,10 @@ class TwoRanks(Setup):
             "retry_backoff_seconds": 0.2,
             "startup_timeout_seconds": 120,
         }
-        self.rollout = ServerPool(tiny["student"], self.root)
+        # every sequence forwarded alone: the server's batching of concurrent requests by
+        # arrival time otherwise pads them differently from run to run, which moved
+        # log mu (and a loss by ~1e-6) in a quick campaign, resumed or not
+        self.rollout = ServerPool(tiny["student"], self.root, "--max-batch-tokens", "1")
 
     def overrides(self) -> list[str]:
         """The rollout server's URL (it changes when one is killed)."""

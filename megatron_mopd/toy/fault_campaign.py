@@ -69,8 +69,8 @@ class ServerPool:
     """`mopd serve` processes of one model, one kept started in advance (a replacement
     is ready when one is killed)."""
 
-    def __init__(self, hf_dir: str, log_dir: Path):
-        self.hf_dir, self.log_dir, self.n = hf_dir, log_dir, 0
+    def __init__(self, hf_dir: str, log_dir: Path, *extra: str):
+        self.hf_dir, self.log_dir, self.n, self.extra = hf_dir, log_dir, 0, extra
         self._next: threading.Thread | None = None
         self._ready: tuple | None = None
         self.current = self._start()
@@ -79,7 +79,7 @@ class ServerPool:
     def _start(self):
         self.n += 1
         log = str(self.log_dir / f"serve_{Path(self.hf_dir).name}_{self.n}.log")
-        return start_serve_subprocess(self.hf_dir, log, hard_timeout=7200)
+        return start_serve_subprocess(self.hf_dir, log, *self.extra, hard_timeout=7200)
 
     def _prepare(self) -> None:
         def run() -> None:
