@@ -267,7 +267,7 @@ class TeacherSide(Setup):
     STOPPING = ["teacher_bad_json", "teacher_nan", "teacher_short", "teacher_killed"]
 
     def __init__(self, root: Path, tiny: dict):
-        super().__init__("teacher", root, tiny, nproc=1, max_steps=10)
+        super().__init__("teacher", root, tiny, nproc=1, max_steps=20)
         self.server = ServerPool(tiny["t_add"], self.root)
         self.armed: list = []
         self.proxy = FlakyProxy(self.server.url, self._plan)
@@ -352,9 +352,12 @@ class TeacherSide(Setup):
             if not first:
                 launch = c.start()
             first = False
-            s = c.next_step() if c.launches > 1 else len(transient) + 1
+            # the first right after the transient faults; later ones once this launch
+            # has trained a step (the trainer may be a few steps ahead of this watcher:
+            # `max_steps` leaves room)
+            s = c.next_step() if c.launches > 1 else len(transient)
             if c.wait_row(launch, s):
-                note = f"after row {s}: {self._inject(c, kind)}"
+                note = f"after row {c.rows()[-1]['step']}: {self._inject(c, kind)}"
             else:
                 note = f"row {s} never came"
             code, out = launch.wait()
