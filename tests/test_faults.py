@@ -165,3 +165,24 @@ def test_killed_before_first_checkpoint_then_disk_full(tiny, tmp_path):
     chain.records.append(Record("kill_step_1", "chain", "", True, False, False))
     text = table(chain.records, {"kill_step_1": ("kill", "x"), "disk_full": ("disk", "y")})
     assert text.splitlines()[-1] == "2 faults injected, 2 survived, 0 resumed exactly, 0 data lost"
+
+
+def test_shared_memory_refusal_is_a_clear_error():
+    """The engine child's weights go through /dev/shm: torch's refusal there (full, or a
+    file-size limit, as the campaign's disk-full fault met) is a TeacherError naming the
+    engine, not a traceback."""
+    from megatron_mopd.errors import TeacherError
+    from megatron_mopd.rollout.engine_process import SubprocessRolloutEngine
+
+    class Refusing:
+        def send(self, msg):
+            raise RuntimeError(
+                "unable to resize file </torch_1_2_0> to the right size: File too large (27)"
+            )
+
+    engine = SubprocessRolloutEngine.__new__(SubprocessRolloutEngine)
+    engine.hf_path, engine.pid, engine._conn = "/m", 123, Refusing()
+    with pytest.raises(TeacherError) as e:
+        engine._send(("weights", {}, [], "step_1"))
+    assert str(e.value).startswith("embedded rollout engine (/m, child process 123): cannot hand")
+    assert "File too large (27)" in str(e.value) and "/dev/shm" in str(e.value)

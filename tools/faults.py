@@ -148,6 +148,8 @@ class Single(Setup):
         resumed_older = f"(step {newest - 1})" in out if newest > 1 else "resuming" not in out
         c.record("corrupt_ckpt", f"{folder.name}: {how}", skipped and resumed_older)
         needles = ["checkpoint of step", "could not be written"]
+        if "through shared memory" in (checks.error_line(out) or ""):  # the limit hit /dev/shm
+            needles = ["rollout engine", "File too large"]
         c.judge_stop("disk_full", code, out, needles, f"files limited to {limit} bytes")
         if not self.quick:
             launch = c.start()
