@@ -1,7 +1,7 @@
 """A fault campaign: the tiny recipe trained many times with faults injected at random
 moments, then a table of what survived, what resumed exactly and what was lost.
 
-    python tools/faults.py --quick            # every fault twice: 430 s on 2 shared cores
+    python tools/faults.py --quick            # every fault twice: 294-430 s on 2 shared cores
     python tools/faults.py                    # every fault 5 times
     python tools/faults.py --only teacher --reps 1 --seed 3
 
