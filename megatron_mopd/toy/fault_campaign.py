@@ -94,7 +94,9 @@ class ServerPool:
         return self.current[1]
 
     def replace(self) -> str:
-        """Make the prepared server current (start another in advance); its URL."""
+        """Make the prepared server current (start another in advance); its URL. The
+        old one is stopped if it still runs."""
+        self.current[0].stop()
         self._next.join(180)
         self.current, self._ready = self._ready, None
         self._prepare()
@@ -221,6 +223,12 @@ class Chain:
         """A SIGKILLed launch must end (torchrun takes the other rank down); whether the
         next launch resumes is judged when it starts (`judge_resume`)."""
         code, _ = launch.wait(120)
+        # a rank can outlive torchrun (blocked in a gloo collective, torchrun's SIGTERM not
+        # acted on): seen 3 times in the first full campaign; its session is killed here
+        survivors = _session_alive(launch.proc.pid)
+        kill_group(launch.proc)
+        if survivors:
+            note += f"; {survivors} process(es) of the launch outlived it (killed)"
         self.forget_repaired()
         if launch.proc.poll() is None or code is None:
             kill_group(launch.proc)
@@ -349,6 +357,19 @@ def table(records: list[Record], faults: dict[str, tuple[str, str]]) -> str:
         f"{sum(r.lost for r in records)} data lost"
     )
     return "\n".join(lines)
+
+
+def _session_alive(sid: int) -> int:
+    """How many processes of session `sid` (a launch started in its own) still run."""
+    import psutil
+
+    n = 0
+    for p in psutil.process_iter(["pid"]):
+        try:
+            n += os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE
+        except (OSError, psutil.Error):
+            continue
+    return n
 
 
 # --------------------------------------------------------------------------------------
