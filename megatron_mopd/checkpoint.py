@@ -6,7 +6,7 @@ Layout under the checkpoint root (default `RUN_DIR/checkpoints`):
         mcore/                megatron-core dist_checkpointing (model, optimizer) when used
         rank_00000.pt ...     per-rank state (RNG streams, anything rank-local)
         trainer.json          step, data position, weight version, ... (rank 0)
-        manifest.json         every file with its size, written last inside the folder
+        manifest.json         every file with its size and a fingerprint, written last
     latest                    text: the name of the newest published checkpoint
     tmp.step_00000030.<pid>/  a save in progress (ignored and removed on the next save)
 
@@ -23,6 +23,7 @@ between barriers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,9 +90,33 @@ def write_text_atomic(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+# files up to 3 MiB are hashed whole; larger ones by three 1 MiB samples (start, middle,
+# end), so a save reads at most 3 MiB per file more
+_SAMPLE_BYTES = 1 << 20
+DIGEST_KIND = "blake2b-128 of the file, or of 3 samples of 1 MiB above 3 MiB"
+
+
+def file_digest(path: str) -> str:
+    """A fingerprint of a file's bytes (see `DIGEST_KIND`): catches a file overwritten or
+    garbled after the save even where its size still matches; a change confined to
+    the unsampled middle of a large file is not seen."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= 3 * _SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            for offset in (0, size // 2 - _SAMPLE_BYTES // 2, size - _SAMPLE_BYTES):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def write_manifest(folder: str) -> dict[str, int]:
-    """Record every file under `folder` with its size in `folder/manifest.json`."""
+    """Record every file under `folder` with its size and fingerprint in
+    `folder/manifest.json`."""
     files: dict[str, int] = {}
+    digests: dict[str, str] = {}
     for root, _, names in os.walk(folder):
         for name in names:
             full = os.path.join(root, name)
@@ -99,9 +124,10 @@ def write_manifest(folder: str) -> dict[str, int]:
             if rel == MANIFEST:
                 continue
             files[rel] = os.path.getsize(full)
+            digests[rel] = file_digest(full)
+    manifest = {"files": files, "digests": digests, "digest": DIGEST_KIND, "time": time.time()}
     write_text_atomic(
-        os.path.join(folder, MANIFEST),
-        json.dumps({"files": files, "time": time.time()}, indent=1, sort_keys=True),
+        os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True)
     )
     return files
 
@@ -115,15 +141,19 @@ def verify_checkpoint(folder: str) -> str | None:
         return f"no {MANIFEST} (the save did not finish)"
     try:
         with open(manifest) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
+            content = json.load(f)
+        files = content["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST}: {e}"
+    digests = content.get("digests", {})  # absent in manifests of older versions
     for rel, size in files.items():
         full = os.path.join(folder, rel)
         if not os.path.isfile(full):
             return f"file {rel} is missing"
         if os.path.getsize(full) != size:
             return f"file {rel} has {os.path.getsize(full)} bytes, expected {size}"
+        if rel in digests and file_digest(full) != digests[rel]:
+            return f"file {rel} does not match its fingerprint (its bytes changed after the save)"
     return None
 
 
@@ -193,10 +223,18 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             os.makedirs(tmp)
         _barrier(self.group)
-        write_fn(tmp)
+        try:
+            write_fn(tmp)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            self._refuse_on_write_error(step, tmp, e, rank)
+            raise
         _barrier(self.group)
         if rank == 0:
-            write_manifest(tmp)
+            try:
+                write_manifest(tmp)
+            except OSError as e:
+                self._refuse_on_write_error(step, tmp, e, rank)
+                raise
             _fsync_dir(tmp)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
@@ -207,10 +245,57 @@ class CheckpointManager:
         _barrier(self.group)
         return final
 
+    def _refuse_on_write_error(self, step: int, tmp: str, error: BaseException, rank: int):
+        """A save that failed writing (a full disk, a file-size limit, a lost mount):
+        remove the partial save and raise a `UserError` saying what is intact. Other
+        errors (bugs) are left to propagate as they are."""
+        reason = write_error(error)
+        if reason is None:
+            return
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        older = [c for c in self.published() if verify_checkpoint(c.path) is None]
+        intact = (
+            f"the newest intact checkpoint is {older[-1].path}: free space and run the same "
+            "command again to resume from it"
+            if older
+            else "no earlier checkpoint exists"
+        )
+        raise UserError(
+            f"checkpoint of step {step} could not be written to {tmp} ({reason}); the "
+            f"partial save was removed; {intact}"
+        ) from None
+
     def _prune(self) -> None:
         published = self.published()
         for info in published[: max(0, len(published) - self.keep_last)]:
             shutil.rmtree(info.path, ignore_errors=True)
+
+
+_ERRNO_RE = re.compile(r"\[Errno \d+\][^\n]*")
+# what torch's zip writer (`torch.save`, dist checkpoint's files) says when a write came up
+# short: ENOSPC, EFBIG (a file-size limit) and EIO end up as one of these
+_SHORT_WRITE_RE = re.compile(r"(unexpected pos \d+ vs \d+|file write failed)")
+
+
+def write_error(error: BaseException) -> str | None:
+    """The OS error behind a failed write, as text (`[Errno 28] No space left on
+    device`), found in `error`, its causes, or the text of the per-rank failures torch's
+    dist checkpoint wraps; None when it is not a write error."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno is not None:
+            return f"[Errno {error.errno}] {error.strerror}"
+        text = str(error)
+        found = _ERRNO_RE.search(text)
+        if found:
+            return found.group(0).strip()
+        found = _SHORT_WRITE_RE.search(text)
+        if found:
+            return f"a write came up short: {found.group(0)}; is the disk full?"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def rng_state() -> dict:

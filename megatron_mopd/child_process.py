@@ -116,6 +116,11 @@ class ChildProcess:
             self._conn.send(msg)
         except OSError:
             raise self.died() from None
+        except RuntimeError as e:  # torch could not put a tensor in shared memory
+            raise TeacherError(
+                f"{self.where}: cannot hand it the {msg[0]!r} request through shared memory "
+                f"({e}); is /dev/shm full, or a file-size limit (ulimit -f) set?"
+            ) from None
 
     def recv(self, *expected: str) -> tuple:
         """The child's next message; a clear error if it died, failed or went quiet."""

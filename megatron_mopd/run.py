@@ -522,6 +522,10 @@ class Run:
                 print(f"resuming from {info.path} (step {step})", file=sys.stderr, flush=True)
                 if self.progress is not None:
                     self.progress.update(step)
+        elif self.is_driver:
+            # rows left by a run that was killed before its first checkpoint: they would
+            # appear twice (this run trains those steps again)
+            self.logger.truncate_after(0)
         self.sync_weights(step)
         return step
 

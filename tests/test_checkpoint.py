@@ -54,6 +54,37 @@ def test_corrupt_newest_falls_back_and_is_reported(tmp_path):
     assert any("corrupt" in m and step_dir_name(2) in m for m in logs)
 
 
+def test_same_size_garbage_is_caught_by_the_fingerprint(tmp_path):
+    """Bytes changed after the save with the size unchanged: whole-file fingerprint for a
+    small file, the sampled one (start, middle, end) for a file over 3 MiB; an older
+    manifest without fingerprints still verifies by size."""
+    mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
+    big = torch.zeros(1_100_000)  # 4.4 MB: sampled
+
+    def write(tmp):
+        _writer({"step": 2})(tmp)
+        torch.save(big, os.path.join(tmp, "big.pt"))
+
+    mgr.save(1, _writer({"step": 1}))
+    mgr.save(2, write)
+    folder = tmp_path / step_dir_name(2)
+    small, large = folder / "rank_00000.pt", folder / "big.pt"
+    data = bytearray(small.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    small.write_bytes(bytes(data))
+    assert "rank_00000.pt does not match its fingerprint" in verify_checkpoint(str(folder))
+    assert mgr.find_resume().step == 1
+    mgr.save(2, write)
+    with open(large, "r+b") as f:  # the last bytes of a sampled file
+        f.seek(os.path.getsize(large) - 10)
+        f.write(b"x" * 10)
+    assert "big.pt does not match its fingerprint" in verify_checkpoint(str(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["digests"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(str(folder)) is None
+
+
 def test_missing_manifest_is_partial(tmp_path):
     mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
     mgr.save(1, _writer({"step": 1}))
@@ -77,6 +108,41 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
     mgr.save(3, _writer({"step": 3}))
     assert not [n for n in os.listdir(tmp_path) if n.startswith("tmp.")]
     assert mgr.find_resume().step == 3
+
+
+def test_full_disk_is_one_clear_error(tmp_path):
+    """A write that fails for lack of room (an OSError, or torch's zip writer's short-write
+    message wrapped by dist checkpoint) is a UserError naming the step and the intact
+    checkpoint, with the partial save removed; another error propagates as it is."""
+    import errno
+
+    from megatron_mopd.errors import UserError
+
+    mgr = CheckpointManager(str(tmp_path), keep_last=3, log=lambda m: None)
+    mgr.save(1, _writer({"step": 1}))
+
+    def full(tmp):
+        _writer({"step": 2})(tmp)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short(tmp):
+        raise RuntimeError(
+            "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        )
+
+    for fn, reason in (
+        (full, "[Errno 28] No space left on device"),
+        (short, "unexpected pos 704 vs 598"),
+    ):
+        with pytest.raises(UserError) as e:
+            mgr.save(2, fn)
+        msg = str(e.value)
+        assert msg.startswith("checkpoint of step 2 could not be written to ") and reason in msg
+        assert f"the newest intact checkpoint is {tmp_path / step_dir_name(1)}" in msg
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("tmp.")]
+        assert mgr.find_resume().step == 1
+    with pytest.raises(KeyError):  # a bug, not the disk: not dressed up
+        mgr.save(2, lambda tmp: {}["nope"])
 
 
 def test_sigkill_during_save_keeps_previous(tmp_path):

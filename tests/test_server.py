@@ -6,6 +6,7 @@ them out (SGLANG_API.md): a leading null, one `[logprob, id, text]` per token.
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -14,6 +15,7 @@ import torch
 from sglang_helpers import (
     InProcessServer,
     random_seqs,
+    raw_exchange,
     reference_logprobs,
     start_serve_subprocess,
 )
@@ -193,6 +195,46 @@ def test_not_json_and_unknown_path(server):
     assert httpx.get(server.url + "/nope", timeout=30).status_code == 404
 
 
+def refused(answer: bytes) -> tuple[int, str]:
+    """(status, error message) of a raw answer that closes the connection."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert "Connection: close" in lines, lines
+    return int(lines[0].split()[1]), json.loads(body)["error"]["message"]
+
+
+def test_request_bodies_are_bounded(server, monkeypatch):
+    """A body over the cap is refused with 413 before being read (the client announced
+    1 GB and sent 10 bytes); chunked, non-numeric and short bodies get 4xx; each answer
+    closes its connection and the server keeps serving."""
+    monkeypatch.setattr(server.server, "max_body_bytes", 4096)
+    post_head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    cases = [
+        (f"{post_head}\r\nContent-Length: {10**9}", b"0123456789", False, 413),
+        (f"{post_head}\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n", False, 411),
+        (f"{post_head}\r\nContent-Length: -5", b"", False, 400),
+        (f"{post_head}\r\nContent-Length: 100", b'{"input_ids": [1', True, 400),
+    ]
+    messages = []
+    for head, body, half_close, want in cases:
+        status, message = refused(raw_exchange(server.url, head, body, half_close))
+        assert status == want, (head, message)
+        messages.append(message)
+    assert messages[0] == (
+        f"the request body has {10**9} bytes, more than this server accepts "
+        "(4096 bytes, --max-body-bytes)"
+    )
+    assert "Content-Length" in messages[1] and "'-5'" in messages[2]
+    assert messages[3] == "the body ended after 16 of 100 bytes"
+    # a body at the cap is read (and parsed); the server still scores
+    at_cap = json.dumps(score_body([1, 5, 9])).encode().ljust(4096)
+    r = httpx.post(server.url + "/generate", content=at_cap, timeout=30)
+    assert r.status_code == 200 and r.json()["meta_info"]["prompt_tokens"] == 3, r.text
+    over = httpx.post(server.url + "/generate", content=at_cap + b" ", timeout=30)
+    assert over.status_code == 413
+    assert post(server.url, score_body([1, 5, 9]))["meta_info"]["prompt_tokens"] == 3
+
+
 def test_control_endpoints(server, model_dir):
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
     assert httpx.get(server.url + "/health_generate", timeout=30).status_code == 200
@@ -247,8 +289,13 @@ def test_concurrent_requests_share_batches(server, model_dir):
 
 def test_mopd_serve_subprocess_health_and_sigterm(model_dir, tmp_path):
     """`mopd serve` as a process: healthy, scores, and exits 0 on SIGTERM."""
-    proc, url = start_serve_subprocess(model_dir, str(tmp_path / "serve.log"))
+    proc, url = start_serve_subprocess(
+        model_dir, str(tmp_path / "serve.log"), "--max-body-bytes", "2000"
+    )
     try:
+        # the flag's cap: 413 for a body over it, then the server keeps serving
+        head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2001"
+        assert refused(raw_exchange(url, head, b"{"))[0] == 413
         item = post(url, score_body([1, 5, 9]))
         assert item["meta_info"]["input_token_logprobs"][0][0] is None
         assert all(math.isfinite(e[0]) for e in item["meta_info"]["input_token_logprobs"][1:])

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="output log-probs without temperature (SGLANG_RETURN_ORIGINAL_LOGPROB=1)",
     )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request body accepted; larger ones get 413 (default 64 MiB)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
 
 
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_tokens=args.max_batch_tokens,
             return_original_logprob=args.return_original_logprob,
             verbose=args.verbose,
+            max_body_bytes=args.max_body_bytes,
         )
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None

@@ -46,8 +46,10 @@ encodes it (`--enable-return-routed-experts`): base64 of int32 `[prompt + output
 layers, top_k]`, the experts the engine routed each fed token to (routing replay, R3).
 Features the project does not use (streaming, `token_ids_logprob`, penalties, `min_p`,
 grammars, `n > 1`, LoRA, images) get a 400 naming the field rather than being silently
-ignored. Errors: 400 `{"error": {"message": ...}}`. Parsing and answer building live in
-`protocol.py`; this module holds the HTTP server and the batcher.
+ignored. Errors: 400 `{"error": {"message": ...}}`; a body over `max_body_bytes`
+(`--max-body-bytes`, default 64 MiB) is 413 without being read, a chunked body 411, a
+bad or short `Content-Length` 400, each answered with `Connection: close`. Parsing and
+answer building live in `protocol.py`; this module holds the HTTP server and the batcher.
 
 Batching: handler threads put parsed requests on a queue; one worker thread takes what
 is there, waits up to `batch_wait_ms` only while more admitted requests are on their
@@ -80,6 +82,9 @@ from megatron_mopd.sglang.http_pool import dumps_json, loads_json
 from megatron_mopd.types import SamplingParams
 
 log = logging.getLogger("megatron_mopd.server.app")
+# the largest request body accepted (413 above it): a scoring batch of 64 sequences of
+# 32k tokens is ~15 MiB of JSON
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -213,6 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
             with batcher.admitted() if batcher is not None else contextlib.nullcontext():
                 body = self._read_body() if method == "POST" else None
                 status, payload = app.handle(method, path, body)
+        except _RefusedBody as e:
+            # the body was not read: the connection cannot carry another request
+            self.close_connection = True
+            status, payload = e.status, {"error": {"message": str(e), "code": e.status}}
         except BadRequest as e:
             status, payload = 400, {"error": {"message": str(e), "code": 400}}
         except Exception as e:  # noqa: BLE001 - a bug must still answer the client
@@ -221,8 +230,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, payload)
 
     def _read_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        limit = self.server.app.max_body_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise _RefusedBody(411, "chunked request bodies are not accepted: send Content-Length")
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        if not declared.isdigit():
+            raise _RefusedBody(400, f"Content-Length {declared[:40]!r} is not a byte count")
+        length = int(declared)
+        if length > limit:
+            raise _RefusedBody(
+                413,
+                f"the request body has {length} bytes, more than this server accepts "
+                f"({limit} bytes, --max-body-bytes)",
+            )
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            raise _RefusedBody(400, f"the body ended after {len(raw)} of {length} bytes")
         if not raw:
             return {}
         try:
@@ -242,10 +265,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+
+class _RefusedBody(Exception):
+    """A request body refused before (or while) reading it: answered with `status`, then
+    the connection is closed (what is left of the body is never read)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -271,8 +305,10 @@ class SGLangCompatibleServer:
         return_original_logprob: bool = False,
         verbose: bool = False,
         engine=None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.hf_dir = hf_dir
+        self.max_body_bytes = max_body_bytes
         self.verbose = verbose
         self._engine_kwargs = dict(
             dtype=dtype,
