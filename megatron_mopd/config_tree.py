@@ -77,6 +77,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[-1] if errors else f"{path}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}={value!r} is not allowed; choose one of {allowed}")

@@ -145,3 +145,19 @@ def test_world_size_ok():
         tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1
     )
     assert check_world_size(p, 2) == 1
+
+
+def test_bare_on_off_reach_on_off_settings(tmp_path):
+    """YAML 1.1 reads a bare on/off as a boolean: an auto/on/off setting takes it as meant,
+    from the recipe and from an override; other enumerations still refuse a boolean."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "run_dir: runs/x\nrollout:\n  embedded_subprocess: on\n"
+        "teachers:\n  math:\n    domains: [add]\n    hf_path: /m\n    subprocess: off\n"
+    )
+    cfg = load_config(recipe, [])
+    assert cfg.rollout.embedded_subprocess == "on" and cfg.teachers["math"].subprocess == "off"
+    cfg = load_config(recipe, ["teachers.math.subprocess=on", "rollout.embedded_subprocess=off"])
+    assert cfg.rollout.embedded_subprocess == "off" and cfg.teachers["math"].subprocess == "on"
+    with pytest.raises(ConfigError, match=r"loss\.correction=True is not allowed"):
+        load_config(recipe, ["loss.correction=on"])
