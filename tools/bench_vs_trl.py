@@ -14,8 +14,9 @@ the vocabulary, from the same teachers, one per domain).
 
 Per arm it prints the median s/step (wall of a step, evaluation excluded, after
 `--warmup` steps), tokens/s (response tokens over that time), peak RSS of the process
-(`wait4`'s ru_maxrss: the process alone) and of its whole process tree (sampled every
-50 ms: our overlapped arm's engine runs in a child process), each arm's whole-process wall time, and the
+(`wait4`'s ru_maxrss: the process alone) and the peak memory of its whole process tree
+(the sum of proportional set sizes, sampled every 50 ms: our overlapped arm's engine and
+teachers run in child processes; a forked checkpoint writer's shared pages count once), each arm's whole-process wall time, and the
 accuracy per domain against the training seconds before each evaluation; then every arm's
 s/step as a ratio to TRL's and to ours without overlap, medians over the rounds of one
 invocation. A figure-printing script, not a test.
@@ -36,29 +37,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "examples", "toy", "mopd.yaml")
 TRL_PY = os.path.join(REPO, ".venv-trl", "bin", "python")
 TRL_SCRIPT = os.path.join(REPO, "tools", "trl", "distill.py")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def tree_rss_mb(pid: int) -> float:
-    """The resident memory of `pid` and all its descendants now, in MB (from /proc)."""
+def tree_pss_mb(pid: int) -> float:
+    """The proportional set size (Pss: shared pages split among their sharers, so a
+    forked child's copy-on-write pages count once) of `pid` and all its descendants now,
+    in MB (from /proc)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:"))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, ValueError):
+        except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
             continue
-    return total / 2**20
+    return total / 1024
 
 
 def run_process(cmd: list[str], log: str) -> tuple[float, float, float]:
     """Run `cmd` to completion (output to `log`): (wall seconds, peak RSS of the process in
-    MB from `wait4`, peak RSS of its whole process tree in MB sampled every 50 ms)."""
+    MB from `wait4`, peak Pss of its whole process tree in MB sampled every 50 ms)."""
     t0 = time.time()
     peak_tree = 0.0
     with open(log, "w") as f:
@@ -67,13 +69,13 @@ def run_process(cmd: list[str], log: str) -> tuple[float, float, float]:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak_tree = max(peak_tree, tree_rss_mb(proc.pid))
+            peak_tree = max(peak_tree, tree_pss_mb(proc.pid))
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); see {log}")
     rss = usage.ru_maxrss / 1024
-    return time.time() - t0, rss, max(peak_tree, rss)
+    return time.time() - t0, rss, peak_tree
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -99,7 +101,7 @@ def run_trl(toy, work: str, args) -> dict:
         evals=[(r["eval_step"], _acc(r)) for r in evals],
         wall=wall,
         rss=rss,
-        tree_rss=tree,
+        tree_pss=tree,
     )
 
 
@@ -123,7 +125,7 @@ def run_ours(toy, work: str, overlap: bool, args) -> dict:
         evals=[(r["step"], _acc(r)) for r in evals],
         wall=wall,
         rss=rss,
-        tree_rss=tree,
+        tree_pss=tree,
     )
 
 
@@ -140,7 +142,7 @@ def summarize(run: dict, warmup: int) -> dict:
         tokens_per_s=sum(toks) / sum(secs),
         wall=run["wall"],
         rss=run["rss"],
-        tree_rss=run["tree_rss"],
+        tree_pss=run["tree_pss"],
         curve=[(s, t, a) for (s, a), t in zip(run["evals"], elapsed)],
     )
 
@@ -153,12 +155,12 @@ def print_figures(results: dict[str, list[dict]], args) -> None:
     }
     print(f"\n{args.pairs} rounds, {args.steps} steps each, medians over rounds")
     print(
-        f"{'arm':<6}{'s/step':>9}{'tokens/s':>10}{'RSS MB':>8}{'tree RSS MB':>13}{'process s':>11}"
+        f"{'arm':<6}{'s/step':>9}{'tokens/s':>10}{'RSS MB':>8}{'tree PSS MB':>13}{'process s':>11}"
     )
     for arm, m in med.items():
         print(
             f"{arm:<6}{m['s_per_step']:>9.4f}{m['tokens_per_s']:>10.0f}"
-            f"{m['rss']:>8.0f}{m['tree_rss']:>13.0f}{m['wall']:>11.1f}"
+            f"{m['rss']:>8.0f}{m['tree_pss']:>13.0f}{m['wall']:>11.1f}"
         )
     print("\naccuracy vs training seconds (last round): step, s, per-domain accuracy")
     for arm, rs in results.items():
@@ -174,7 +176,7 @@ def print_figures(results: dict[str, list[dict]], args) -> None:
         parts = []
         if base:
             parts.append(f"{m['s_per_step'] / base['s_per_step']:.2f}x TRL's s/step")
-            parts.append(f"{m['tree_rss'] / base['tree_rss']:.2f}x TRL's peak tree RSS")
+            parts.append(f"{m['tree_pss'] / base['tree_pss']:.2f}x TRL's peak tree PSS")
         if own:
             parts.append(f"{m['s_per_step'] / own['s_per_step']:.2f}x ours without overlap")
         print(f"{arm}: " + ", ".join(parts))
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             s = summarize(run, args.warmup)
             results[arm].append(s)
-            final = " ".join(f"{d}={v:.3f}" for d, v in sorted(s["curve"][-1][2].items()))
+            last = s["curve"][-1][2] if s["curve"] else {}
+            final = " ".join(f"{d}={v:.3f}" for d, v in sorted(last.items())) or "-"
             print(
                 f"round {rnd + 1} {arm:<4} {s['s_per_step']:.4f} s/step "
                 f"{s['tokens_per_s']:.0f} tok/s rss {s['rss']:.0f} MB "
