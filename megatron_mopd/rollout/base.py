@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from megatron_mopd.types import Rollout, SamplingParams
+
+
+def join_pieces(n: int, pieces: Iterable[tuple[list[int], list[Rollout]]]) -> list[Rollout]:
+    """The `n` rollouts of `generate_stream`'s pieces, in index order."""
+    out: list[Rollout | None] = [None] * n
+    for idx, rolls in pieces:
+        for i, r in zip(idx, rolls):
+            out[i] = r
+    return out  # type: ignore[return-value]
 
 
 class RolloutEngine(abc.ABC):

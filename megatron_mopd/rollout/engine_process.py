@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from megatron_mopd.child_process import ChildProcess, child_setup, send_error, serve
-from megatron_mopd.rollout.base import RolloutEngine
+from megatron_mopd.rollout.base import RolloutEngine, join_pieces
 from megatron_mopd.types import Rollout, SamplingParams
 
 
@@ -119,11 +119,7 @@ class SubprocessRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """One `Rollout` per prompt, in order (the pieces of `generate_stream`, joined)."""
-        out: list[Rollout | None] = [None] * len(prompts)
-        for idx, rolls in self.generate_stream(prompts, sampling):
-            for i, r in zip(idx, rolls):
-                out[i] = r
-        return out  # type: ignore[return-value]
+        return join_pieces(len(prompts), self.generate_stream(prompts, sampling))
 
     def update_weights_from_state_dict(
         self, named_tensors: Iterable[tuple[str, Any]] | dict[str, Any], weight_version: str

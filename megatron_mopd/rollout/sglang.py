@@ -59,7 +59,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from megatron_mopd.config import RolloutConfig
 from megatron_mopd.errors import ConfigError, TeacherError, UserError
-from megatron_mopd.rollout.base import RolloutEngine
+from megatron_mopd.rollout.base import RolloutEngine, join_pieces
 from megatron_mopd.rollout.sglang_transfer import (
     NamedTensors,
     flatten_bucket,
@@ -184,11 +184,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """One `Rollout` per prompt, in order, with log mu of every sampled token."""
-        out: list[Rollout | None] = [None] * len(prompts)
-        for idx, rolls in self.generate_stream(prompts, sampling):
-            for i, r in zip(idx, rolls):
-                out[i] = r
-        return out  # type: ignore[return-value]
+        return join_pieces(len(prompts), self.generate_stream(prompts, sampling))
 
     def generate_stream(
         self, prompts: list[list[int]], sampling: SamplingParams
