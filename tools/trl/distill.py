@@ -127,6 +127,36 @@ def evaluate(model, tok, records: list[dict], max_new_tokens: int) -> dict[str, 
     return {f"eval_acc/{d}": sum(v) / len(v) for d, v in sorted(hits.items())}
 
 
+def trl_config(args: argparse.Namespace):
+    """TRL's settings matching examples/toy/mopd.yaml (reverse KL, temperature 1, the same
+    schedule), on CPU, logging and saving nothing of its own."""
+    from trl import DistillationConfig
+
+    return DistillationConfig(
+        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "trl_out"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": args.min_lr},
+        warmup_steps=args.warmup,
+        max_grad_norm=1.0,
+        beta=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=args.max_new_tokens,
+        logging_steps=10**9,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train with TRL and write the per-step figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
+    from trl import DistillationTrainer
 
     tok = AutoTokenizer.from_pretrained(os.path.join(args.toy, "student"))
     tok.padding_side = "left"
@@ -188,29 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             self.step_tokens = int(batch["completion_mask"].sum())
             return batch
 
-    config = DistillationConfig(
-        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "trl_out"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": args.min_lr},
-        warmup_steps=args.warmup,
-        max_grad_norm=1.0,
-        beta=1.0,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_completion_length=args.max_new_tokens,
-        logging_steps=10**9,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    config = trl_config(args)
     student = AutoModelForCausalLM.from_pretrained(os.path.join(args.toy, "student"))
     trainer = Trainer(
         model=student,
