@@ -35,13 +35,25 @@ def key(rollouts):
     return [(r.response_ids, r.rollout_logprobs, r.finish_reason) for r in rollouts]
 
 
+def same_experts(got, want) -> bool:
+    """The routed experts came back as int32 tensors equal to the in-process ones."""
+    return all(
+        isinstance(g.routed_experts, torch.Tensor)
+        and g.routed_experts.dtype == torch.int32
+        and torch.equal(g.routed_experts, w.routed_experts)
+        for g, w in zip(got, want, strict=True)
+    )
+
+
 def test_same_rollouts_as_in_process_and_after_an_update(student):
     sampling = SamplingParams(max_new_tokens=5, seed=11)
     local = EmbeddedRolloutEngine(student, seed=3, batch_size=5)
     child = SubprocessRolloutEngine({"hf_path": student, "seed": 3, "batch_size": 5})
     try:
         want = local.generate(PROMPTS, sampling)
-        assert key(child.generate(PROMPTS, sampling)) == key(want)
+        got = child.generate(PROMPTS, sampling)
+        assert key(got) == key(want)
+        assert same_experts(got, want)  # sent as numpy arrays inside the answer
         pieces = list(child.generate_stream(PROMPTS, sampling))
         assert [idx for idx, _ in pieces] == [list(range(0, 5)), list(range(5, 10)), [10, 11]]
         joined = [None] * len(PROMPTS)
