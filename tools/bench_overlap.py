@@ -9,8 +9,10 @@ of examples/toy/mopd.yaml for `--steps` steps (no eval, no checkpoints) with
 `rollout.overlap=false` and `=true`, alternating (`--pairs` pairs, so the machine's load
 hits both arms alike), each run in a fresh process. Per arm it prints the median s/step
 (wall, the steps after `--warmup`), the mean of each stage, and for the overlapped arm
-how the step compares with its stages: the sum (what a serial step costs) and the longest
-(sampling + the scoring left after it, against training + weight sync). All ratios come
+how the step compares with its stages (sampling, scoring, training, weight sync, rewards,
+each its mean time): the sum (what a serial step costs) and the longest. The weight sync
+waits for the sampling in flight by design (a step's rollouts come from one version), so
+with sampling the longest stage the step is at least sampling + sync. All ratios come
 from the same invocation. A figure-printing script, not a test.
 """
 
@@ -128,15 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"response tokens/s: off {tok['off']:.0f}, on {tok['on']:.0f}")
     on = rows["on"]
-    sampling = mean(on, "rollout") + mean(on, "teacher_tail")
-    training = mean(on, "train") + mean(on, "weight_sync")
-    serial = sampling + training + mean(on, "reward")
-    longest = max(sampling, training) + mean(on, "reward")
+    # the stages as work, each on its own worker: the engine samples, the teachers score
+    # (first piece handed over to last one scored), the trainer trains and syncs; with
+    # overlap the scoring of one step runs beside the sampling of the next
+    stages = {k: mean(on, k) for k in ("rollout", "teacher", "train", "weight_sync", "reward")}
+    longest = max(stages, key=stages.get)
+    total = sum(stages.values())
     wall = mean(on, "wall")
     print(
-        f"overlapped step: {wall:.4f} s; its stages: sampling+scoring {sampling:.4f}, "
-        f"training+sync {training:.4f}; step / longest = {wall / longest:.2f}, "
-        f"step / sum = {wall / serial:.2f}"
+        f"overlapped step: {wall:.4f} s; its stages: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
+        + f"; step / longest ({longest}) = {wall / stages[longest]:.2f}, "
+        f"step / sum = {wall / total:.2f}"
     )
     stale = [r.get("rollout/staleness") for r in on]
     print(f"staleness of trained rollouts: {sorted(set(stale))}")
