@@ -11,7 +11,9 @@ in-process store, no port). The backend is gloo on CPU and NCCL on GPU
 process group exists (`config.check_world_size`), applies the megatron-core CPU patches
 when CUDA is absent, creates megatron's model-parallel groups (TP/PP/EP/ETP, DP is what
 is left) and seeds every RNG. It returns a `ParallelLayout`: ranks, sizes and groups,
-which our own code receives explicitly instead of reading megatron's globals.
+which our own code receives explicitly instead of reading megatron's globals. Under
+torchrun each rank also watches its launcher and exits when it is gone
+(`exit_with_launcher`), so a killed torchrun leaves no rank behind.
 
 Left out: virtual pipeline stages, context parallelism and multiple distributed-optimizer
 instances (megatron supports them; nothing here needs them yet, and each changes the
@@ -23,6 +25,9 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +98,7 @@ class ParallelLayout:
 
 
 _CREATED_PROCESS_GROUP = False
+_LAUNCHER_WATCH: threading.Thread | None = None  # exit_with_launcher, started once
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -104,6 +110,41 @@ def torchrun_env() -> tuple[int, int, int]:
     except ValueError as e:
         raise ConfigError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
     return rank, world_size, local_rank
+
+
+def exit_with_launcher(poll_seconds: float = 2.0) -> threading.Thread | None:
+    """Under torchrun (`TORCHELASTIC_RUN_ID` set): a daemon thread that ends this rank
+    when its launcher is gone, so no rank outlives torchrun.
+
+    torchrun takes the other ranks down when one dies (SIGTERM, then SIGKILL after its
+    grace period), but a launcher killed itself first (SIGKILL, out of memory) leaves its
+    ranks behind, asleep in a collective with the dead rank until the process group's
+    timeout (`parallel.timeout_minutes`), holding their memory (on GPU clusters: the
+    GPUs). The thread polls the parent pid every `poll_seconds` (collectives release the
+    interpreter lock while they wait) and, once this rank has been re-parented, says so
+    on stderr and exits with status 1 at once (`os._exit`: the main thread is blocked, and
+    a checkpoint half written stays an unpublished `tmp.` folder). Not started outside
+    torchrun: a plain `python -m megatron_mopd train` may outlive its shell (nohup).
+    Returns the thread, or None when not started.
+    """
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    launcher = os.getppid()
+    rank = os.environ.get("RANK", "?")
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        sys.stderr.write(
+            f"mopd rank {rank} (pid {os.getpid()}): its torchrun launcher (pid {launcher}) "
+            "is gone; exiting\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="mopd-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def resolve_backend(parallel: ParallelConfig) -> str:
@@ -130,6 +171,9 @@ def init_distributed(
     from megatron.core import parallel_state
 
     rank, world_size, local_rank = torchrun_env()
+    global _LAUNCHER_WATCH
+    if _LAUNCHER_WATCH is None:
+        _LAUNCHER_WATCH = exit_with_launcher()
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
     check_world_size(parallel, world_size)

@@ -223,8 +223,8 @@ class Chain:
         """A SIGKILLed launch must end (torchrun takes the other rank down); whether the
         next launch resumes is judged when it starts (`judge_resume`)."""
         code, _ = launch.wait(120)
-        # a rank can outlive torchrun (blocked in a gloo collective, torchrun's SIGTERM not
-        # acted on): seen 3 times in the first full campaign; its session is killed here
+        # a rank could outlive torchrun (asleep in a gloo collective): seen 3 times in the
+        # first full campaign, before distributed.exit_with_launcher; still counted here
         survivors = _session_alive(launch.proc.pid)
         kill_group(launch.proc)
         if survivors:
