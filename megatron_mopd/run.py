@@ -187,7 +187,8 @@ class Run:
         from megatron_mopd.teachers.router import TeacherRouter
 
         cfg = self.cfg
-        self.router = TeacherRouter.from_config(cfg)
+        # the student's vocabulary bounds the teachers' top-k ids (one tokenizer)
+        self.router = TeacherRouter.from_config(cfg, vocab_size=self.student.model_cfg.vocab_size)
         self.engine = build_rollout_engine(cfg, hf_path=self.student.hf_dir)
         from megatron_mopd.pipeline import BatchProducer
 

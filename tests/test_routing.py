@@ -89,6 +89,18 @@ def test_top_k_per_teacher_or_per_call():
     assert results[0].top_ids.shape == (3, 3)
 
 
+def test_top_k_ids_past_the_students_vocabulary_are_refused():
+    teachers = {"mathT": FakeTeacher("mathT", 1.0), "codeT": FakeTeacher("codeT", 2.0)}
+    router = TeacherRouter.from_config(_cfg(), teachers, vocab_size=12)
+    assert router.score([_req(1, n=2)], ["code"], top_k=2)[0].top_ids.max() == 11
+    with pytest.raises(
+        TeacherError, match=r"teacher 'codeT' .*token 2: top-k id outside \[0, 12\)"
+    ):
+        router.score([_req(1, n=3)], ["code"], top_k=2)  # ids 10, 11, 12
+    unbounded = TeacherRouter.from_config(_cfg(), teachers)
+    assert unbounded.score([_req(1, n=3)], ["code"], top_k=2)[0].top_ids.max() == 12
+
+
 def test_teachers_run_concurrently():
     barrier = threading.Barrier(2, timeout=10)  # both teachers must be inside score at once
 

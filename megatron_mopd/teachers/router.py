@@ -110,9 +110,12 @@ class TeacherRouter:
         default_teacher: str | None = None,
         locations: dict[str, str] | None = None,
         top_k: dict[str, int] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         """`routes` maps domain -> teacher name; `locations` names where each teacher runs
-        (for error messages); `top_k` is each teacher's configured top-k (default 0)."""
+        (for error messages); `top_k` is each teacher's configured top-k (default 0);
+        `vocab_size` is the student's real vocabulary, which bounds every teacher's top-k
+        ids (teachers share the student's tokenizer; None: ids only checked >= 0)."""
         for domain, name in routes.items():
             if name not in teachers:
                 raise ConfigError(f"domain {domain!r} is routed to unknown teacher {name!r}")
@@ -123,12 +126,19 @@ class TeacherRouter:
         self.default_teacher = default_teacher
         self.locations = dict(locations or {})
         self.top_k = dict(top_k or {})
+        self.vocab_size = vocab_size
         self._counts: dict[str, DomainCounts] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, cfg: Config, teachers: dict[str, Teacher] | None = None) -> TeacherRouter:
-        """A router over `teachers` (built with `build_teachers(cfg)` when not given)."""
+    def from_config(
+        cls,
+        cfg: Config,
+        teachers: dict[str, Teacher] | None = None,
+        vocab_size: int | None = None,
+    ) -> TeacherRouter:
+        """A router over `teachers` (built with `build_teachers(cfg)` when not given);
+        `vocab_size`: the student's (see `__init__`)."""
         if teachers is None:
             teachers = build_teachers(cfg)
         routes = {d: name for name, t in cfg.teachers.items() for d in t.domains}
@@ -138,6 +148,7 @@ class TeacherRouter:
             cfg.default_teacher,
             locations={name: teacher_location(t) for name, t in cfg.teachers.items()},
             top_k={name: t.top_k for name, t in cfg.teachers.items()},
+            vocab_size=vocab_size,
         )
 
     def teacher_for(self, domain: str) -> str:
@@ -175,7 +186,7 @@ class TeacherRouter:
             )
             try:
                 results = self.teachers[name].score(batch, top_k=k)
-                check_score_results(where, batch, results, k)
+                check_score_results(where, batch, results, k, self.vocab_size)
             except TeacherError as e:
                 msg = str(e)
                 if msg.startswith(where):
