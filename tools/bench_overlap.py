@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
 
+    report(rows, args)
+
+
+def report(rows: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    """Print both arms' stages, s/step and tokens/s, and the overlapped step against its
+    longest stage and the sum of its stages."""
     where = "real SGLang servers" if args.sglang else "embedded engines"
     print(
         f"\n{args.steps} steps x {args.pairs} runs per arm ({where}), first {args.warmup} left out"
@@ -120,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'stage (mean s)':<18}{'off':>9}{'on':>9}")
     for key in (*PRODUCER, *MAIN, "wall"):
         print(f"{key:<18}{mean(rows['off'], key):>9.4f}{mean(rows['on'], key):>9.4f}")
-    med = {a: statistics.median(r["time/wall"] for r in rows[a]) for a in arms}
+    med = {a: statistics.median(r["time/wall"] for r in rows[a]) for a in rows}
     tok = {
         a: sum(r["response_tokens"] for r in rows[a]) / sum(r["time/wall"] for r in rows[a])
-        for a in arms
+        for a in rows
     }
     print(
         f"median s/step: off {med['off']:.4f}, on {med['on']:.4f}: on/off = {med['on'] / med['off']:.3f}"
