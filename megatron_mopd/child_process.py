@@ -62,6 +62,7 @@ class _Pickler(pickle.Pickler):
             torch is not None
             and type(obj) is torch.Tensor
             and obj.device.type == "cpu"
+            and obj.layout == torch.strided
             and not obj.requires_grad
             and str(obj.dtype) in _NUMPY_DTYPES
         ):
