@@ -78,7 +78,7 @@ _NUMPY_DTYPES = {
 
 def dumps(obj) -> bytes:
     """`obj` pickled for `Connection.send_bytes` (the receiver's `recv` loads it), with
-    small CPU tensors as numpy arrays instead of shared-memory segments."""
+    CPU tensors as numpy arrays inside the pickle instead of shared-memory segments."""
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()

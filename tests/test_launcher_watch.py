@@ -3,8 +3,8 @@
 The case the fault campaign met: torchrun killed (SIGKILL) while its ranks wait in a gloo
 collective; without the watch they sleep until the process group's timeout. Here a real
 `torchrun --standalone` of two ranks: rank 0 blocked in a barrier rank 1 never reaches,
-rank 1 asleep; torchrun is SIGKILLed and both ranks must be gone within seconds, each
-saying why on stderr. Outside torchrun the watch is not started.
+rank 1 asleep; torchrun is SIGKILLed and both ranks must be gone within seconds, the
+first to notice saying why on stderr (the other may end through its collective failing). Outside torchrun the watch is not started.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def test_ranks_exit_when_torchrun_is_killed(tmp_path):
         assert all(gone(p) for p in pids.values()), "a rank outlived torchrun"
         log.flush()
         text = (tmp_path / "torchrun.log").read_text()
-        assert text.count("is gone; exiting") == 2, text[-2000:]
+        # the first rank to notice says so; the other may go first through its collective
+        # failing (its peer closed the connection)
+        assert "torchrun launcher" in text and "is gone; exiting" in text, text[-2000:]
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever is left of the launch
             os.killpg(proc.pid, signal.SIGKILL)
