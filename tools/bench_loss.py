@@ -38,11 +38,35 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def random_batch(args: argparse.Namespace, prompt: int, T: int):
+    """One `[1, T]` MOPD batch of random tokens, its last T - prompt the response, with
+    log mu and teacher log-probs near -12 and a random `K`-entry teacher top-k."""
+    import torch
+
+    from megatron_mopd.batch import TrainBatch
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, T)
+    mask[0, prompt:] = 1.0
+    K = max(args.topk, 1)
+    return TrainBatch(
+        tokens_B_T=torch.randint(0, args.vocab, (1, T), generator=g),
+        mask_B_T=mask,
+        rollout_logprobs_B_T=(-12.0 + 0.1 * torch.randn(1, T, generator=g)) * mask,
+        teacher_logprobs_B_T=(-12.0 + torch.randn(1, T, generator=g)) * mask,
+        orm_advantages_B=torch.zeros(1),
+        domain_ids_B=torch.zeros(1, dtype=torch.long),
+        domains=["default"],
+        lengths_B=torch.tensor([T]),
+        teacher_topk_ids_B_T_K=torch.randint(0, args.vocab, (1, T, K), generator=g),
+        teacher_topk_logprobs_B_T_K=torch.log_softmax(torch.randn(1, T, K + 1), -1)[..., :K],
+    )
+
+
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     """Build the student, run 1 + `repeats` steps of `variant`, return its figures."""
     import torch
 
-    from megatron_mopd.batch import TrainBatch
     from megatron_mopd.config import LossConfig, ModelConfig, ParallelConfig, TrainConfig
     from megatron_mopd.distributed import destroy, init_distributed
     from megatron_mopd.student.model import build_model
@@ -70,22 +94,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     chunks = wrap_ddp(build_model(model, parallel), parallel)
     optimizer, _ = build_optimizer(chunks, TrainConfig(lr=1e-5, lr_warmup_steps=0), parallel)
 
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(1, T)
-    mask[0, prompt:] = 1.0
-    K = max(args.topk, 1)
-    batch = TrainBatch(
-        tokens_B_T=torch.randint(0, args.vocab, (1, T), generator=g),
-        mask_B_T=mask,
-        rollout_logprobs_B_T=(-12.0 + 0.1 * torch.randn(1, T, generator=g)) * mask,
-        teacher_logprobs_B_T=(-12.0 + torch.randn(1, T, generator=g)) * mask,
-        orm_advantages_B=torch.zeros(1),
-        domain_ids_B=torch.zeros(1, dtype=torch.long),
-        domains=["default"],
-        lengths_B=torch.tensor([T]),
-        teacher_topk_ids_B_T_K=torch.randint(0, args.vocab, (1, T, K), generator=g),
-        teacher_topk_logprobs_B_T_K=torch.log_softmax(torch.randn(1, T, K + 1), -1)[..., :K],
-    )
+    batch = random_batch(args, prompt, T)
+    mask = batch.mask_B_T
     if variant == "plain":
         micro_batches = micro_batches_for_rank(batch, 0, 1, 1)
         loss_fn = next_token_loss(float(mask.sum()))

@@ -149,25 +149,31 @@ def to_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) 
     )
     kw.update(recompute_kwargs(model_cfg, te))
     if model_cfg.is_moe:
-        kw.update(
-            num_moe_experts=model_cfg.num_moe_experts,
-            moe_router_topk=model_cfg.moe_router_topk,
-            moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size,
-            moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size,
-            moe_shared_expert_gate=model_cfg.moe_shared_expert_gate,
-            moe_router_pre_softmax=model_cfg.moe_router_pre_softmax,
-            moe_router_topk_scaling_factor=model_cfg.moe_router_topk_scaling_factor,
-            moe_router_score_function="softmax",
-            moe_router_dtype="fp32",
-            moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss" if model_cfg.moe_aux_loss_coeff else "none",
-            moe_grouped_gemm=te,
-            moe_permute_fusion=False,
-            # routing replay (R3): every router gets megatron's RouterReplay; it routes by
-            # itself unless student.routing_replay sets a replay action for a step
-            moe_enable_routing_replay=True,
-        )
+        kw.update(moe_kwargs(model_cfg, te))
     return TransformerConfig(**kw)
+
+
+def moe_kwargs(model_cfg: ModelConfig, transformer_engine: bool) -> dict[str, Any]:
+    """The `TransformerConfig` MoE fields of an MoE model (softmax router in fp32, aux-loss
+    balancing when `model.moe_aux_loss_coeff` > 0, grouped GEMM with Transformer Engine)."""
+    return dict(
+        num_moe_experts=model_cfg.num_moe_experts,
+        moe_router_topk=model_cfg.moe_router_topk,
+        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=model_cfg.moe_shared_expert_gate,
+        moe_router_pre_softmax=model_cfg.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=model_cfg.moe_router_topk_scaling_factor,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if model_cfg.moe_aux_loss_coeff else "none",
+        moe_grouped_gemm=transformer_engine,
+        moe_permute_fusion=False,
+        # routing replay (R3): every router gets megatron's RouterReplay; it routes by
+        # itself unless student.routing_replay sets a replay action for a step
+        moe_enable_routing_replay=True,
+    )
 
 
 def recompute_kwargs(model_cfg: ModelConfig, transformer_engine: bool) -> dict[str, Any]:

@@ -219,6 +219,13 @@ def run_demo(
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(eval_curves(mopd_dir), teacher_acc, os.path.join(run_dir, "figure.png"))
+    print_summary(summary)
+    print(f"wrote {run_dir}/summary.json, {run_dir}/figure.png, {mopd_dir}/metrics.jsonl")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    """The demo's table (teacher, student before and after, per domain) and its totals."""
     print()
     print(f"{'domain':<10}{'teacher':>10}{'before':>10}{'after':>10}")
     for d, row in summary["domains"].items():
@@ -231,5 +238,3 @@ def run_demo(
         f"({summary['mopd_seconds']} s of MOPD). Student reached every teacher (within 0.02): "
         f"{summary['reached_teachers']}"
     )
-    print(f"wrote {run_dir}/summary.json, {run_dir}/figure.png, {mopd_dir}/metrics.jsonl")
-    return summary
